@@ -1,0 +1,45 @@
+"""Packaging for cdrl_diffusers: Cooperative Diffusion Recovery Likelihood EBMs for the diffusers ecosystem."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "src/cdrl_diffusers/__init__.py").read_text()).group(1)
+
+install_requires = [
+    "torch>=2.1",
+    "diffusers>=0.42.1,<0.43",
+    "accelerate>=0.30",
+    "datasets>=2.19",
+    "safetensors>=0.4",
+    "huggingface-hub>=0.23",
+    "transformers>=4.40",
+    "numpy>=1.24",
+    "Pillow>=9.0",
+    "tqdm>=4.60",
+]
+test_requires = ["pytest>=7.4", "scikit-learn>=1.3"]
+
+setup(
+    name="cdrl_diffusers",
+    version=version,
+    description="Energy-based models trained by Cooperative Diffusion Recovery Likelihood (CDRL), the diffusers way.",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    install_requires=install_requires,
+    extras_require={
+        "test": test_requires,
+        "dev": test_requires + ["ruff>=0.4"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "License :: OSI Approved :: Apache Software License",
+    ],
+)

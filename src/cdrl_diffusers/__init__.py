@@ -1,0 +1,42 @@
+"""cdrl_diffusers: energy-based models trained by Cooperative Diffusion Recovery Likelihood, the diffusers way.
+
+Every public class is imported eagerly: diffusers resolves the components recorded in ``model_index.json`` by
+looking them up in this module, so ``CDRLPipeline.from_pretrained`` needs them importable from here.
+"""
+
+__version__ = "0.1.0"
+
+from .guidance import ConditionWeights
+from .model_card import create_model_card
+from .models import EnergyMLP, EnergyModel, EnergyModelOutput, InitializerMLP, InitializerOutput, InitializerUNet
+from .pipelines import CDRLPipeline
+from .sampling import CDRLSampler, LevelSample
+from .schedulers import CDRLScheduler, LangevinCoefficients
+from .training import (
+    CDRLTrainingOutput,
+    cdrl_training_step,
+    create_ema_model,
+    drop_labels,
+    warmup_multiplier,
+)
+
+__all__ = [
+    "CDRLPipeline",
+    "CDRLSampler",
+    "CDRLScheduler",
+    "CDRLTrainingOutput",
+    "ConditionWeights",
+    "EnergyMLP",
+    "EnergyModel",
+    "EnergyModelOutput",
+    "InitializerMLP",
+    "InitializerOutput",
+    "InitializerUNet",
+    "LangevinCoefficients",
+    "LevelSample",
+    "cdrl_training_step",
+    "create_ema_model",
+    "create_model_card",
+    "drop_labels",
+    "warmup_multiplier",
+]

@@ -1,0 +1,87 @@
+"""Conditioning shared by the energy models: log-SNR and class embeddings, and spectral normalisation."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+def maybe_spectral_norm(module: nn.Module, enabled: bool) -> nn.Module:
+    """Wrap ``module``'s weight with ``torch.nn.utils.parametrizations.spectral_norm`` when ``enabled``."""
+    return spectral_norm(module) if enabled else module
+
+
+class ConditionEmbedding(nn.Module):
+    """Embeds the log-SNR (App. A.3) and, for conditional models, the class label (App. A.1).
+
+    The log-SNR goes through diffusers' sinusoidal ``Timesteps`` and a two-layer ``TimestepEmbedding`` with a
+    LeakyReLU (Table 5c: sinusoidal, dense, leakyReLU, dense). A class label is embedded to the same width and added;
+    index ``num_class_embeds`` is the null class used for ``class_labels=None`` (classifier-free guidance).
+    """
+
+    def __init__(
+        self,
+        sinusoidal_channels: int,
+        embedding_dim: int,
+        num_class_embeds: int | None,
+        negative_slope: float,
+        use_spectral_norm: bool,
+    ):
+        super().__init__()
+        self.num_class_embeds = num_class_embeds
+        self.sinusoidal = Timesteps(sinusoidal_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.mlp = TimestepEmbedding(sinusoidal_channels, embedding_dim)
+        self.mlp.act = nn.LeakyReLU(negative_slope)
+        self.mlp.linear_1 = maybe_spectral_norm(self.mlp.linear_1, use_spectral_norm)
+        self.mlp.linear_2 = maybe_spectral_norm(self.mlp.linear_2, use_spectral_norm)
+        self.class_embedding = None
+        if num_class_embeds is not None:
+            self.class_embedding = maybe_spectral_norm(
+                nn.Embedding(num_class_embeds + 1, embedding_dim), use_spectral_norm
+            )
+
+    def forward(self, logsnr: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        embedding = self.mlp(self.sinusoidal(logsnr).to(self.mlp.linear_1.bias.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                class_labels = torch.full_like(logsnr, self.num_class_embeds, dtype=torch.long)
+            embedding = embedding + self.class_embedding(class_labels)
+        return embedding
+
+
+def prepare_condition(
+    sample: torch.Tensor,
+    logsnr: float | torch.Tensor,
+    class_labels: torch.Tensor | None,
+    num_class_embeds: int | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate and broadcast ``logsnr`` and ``class_labels`` to the batch of ``sample`` (shared by all models)."""
+    batch = sample.shape[0]
+    if isinstance(logsnr, bool) or not isinstance(logsnr, (int, float, torch.Tensor)):
+        raise TypeError(f"`logsnr` must be a float or a tensor, got {type(logsnr).__name__}.")
+    logsnr = torch.as_tensor(logsnr, dtype=torch.float32, device=sample.device)
+    if logsnr.ndim == 0:
+        logsnr = logsnr.expand(batch)
+    elif logsnr.shape != (batch,):
+        raise ValueError(f"`logsnr` must be a scalar or have shape ({batch},), got {tuple(logsnr.shape)}.")
+    if not torch.isfinite(logsnr).all():
+        raise ValueError("`logsnr` must be finite.")
+    if class_labels is None:
+        return logsnr, None
+    if num_class_embeds is None:
+        raise ValueError("`class_labels` were given, but the model is unconditional (`num_class_embeds` is None).")
+    class_labels = torch.as_tensor(class_labels, device=sample.device)
+    if class_labels.is_floating_point() or class_labels.dtype == torch.bool:
+        raise TypeError(f"`class_labels` must be integers, got dtype {class_labels.dtype}.")
+    if class_labels.ndim == 0:
+        class_labels = class_labels.expand(batch)
+    if class_labels.shape != (batch,):
+        raise ValueError(f"`class_labels` must have shape ({batch},), got {tuple(class_labels.shape)}.")
+    if batch and (int(class_labels.min()) < 0 or int(class_labels.max()) > num_class_embeds):
+        raise ValueError(
+            f"`class_labels` must lie in [0, {num_class_embeds - 1}] (or {num_class_embeds} for the null class), "
+            f"got values in [{int(class_labels.min())}, {int(class_labels.max())}]."
+        )
+    return logsnr, class_labels.long()

@@ -1,0 +1,177 @@
+"""The CDRL energy-based model for images (App. A.1, Tables 5-6; the EBM of Gao et al. 2021)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .embeddings import ConditionEmbedding, maybe_spectral_norm, prepare_condition
+
+
+@dataclass
+class EnergyModelOutput(BaseOutput):
+    """Output of an energy model.
+
+    Args:
+        neg_energy: f_hat(y; lambda) of shape (batch,), the network's negative energy (higher = more probable). The
+            level's log-density is f_hat / s_t^2 (``CDRLScheduler.log_density``).
+    """
+
+    neg_energy: torch.Tensor
+
+
+def validate_class_names(class_names: list[str] | None, num_class_embeds: int | None) -> None:
+    """Class names, when given, name every class of a conditional model exactly once."""
+    if num_class_embeds is not None and (isinstance(num_class_embeds, bool) or num_class_embeds < 1):
+        raise ValueError(f"`num_class_embeds` must be a positive integer or None, got {num_class_embeds!r}.")
+    if class_names is None:
+        return
+    if num_class_embeds is None or len(class_names) != num_class_embeds:
+        raise ValueError(
+            f"`class_names` must name each of the `num_class_embeds` ({num_class_embeds}) classes, "
+            f"got {len(class_names)} names."
+        )
+    if len(set(class_names)) != len(class_names):
+        raise ValueError("`class_names` must be unique.")
+
+
+class EnergyResBlock(nn.Module):
+    """LeakyReLU, 3x3 conv, + dense(embedding), LeakyReLU, 3x3 conv, x scale, + shortcut (Table 5a).
+
+    The per-channel ``residual_scale`` (not spectrally normalised) starts at zero, so every block starts as the
+    identity, as the near-zero, lower-bounded second convolution of the reference EBM does.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, embedding_dim: int, negative_slope: float, use_spectral_norm: bool
+    ):
+        super().__init__()
+        self.act = nn.LeakyReLU(negative_slope)
+        self.conv1 = maybe_spectral_norm(nn.Conv2d(in_channels, out_channels, 3, padding=1), use_spectral_norm)
+        self.embedding_proj = maybe_spectral_norm(nn.Linear(embedding_dim, out_channels), use_spectral_norm)
+        self.conv2 = maybe_spectral_norm(nn.Conv2d(out_channels, out_channels, 3, padding=1), use_spectral_norm)
+        self.residual_scale = nn.Parameter(torch.zeros(out_channels))
+        self.shortcut = nn.Identity()
+        if in_channels != out_channels:
+            self.shortcut = maybe_spectral_norm(nn.Conv2d(in_channels, out_channels, 1), use_spectral_norm)
+
+    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        residual = self.conv1(self.act(hidden)) + self.embedding_proj(embedding)[:, :, None, None]
+        residual = self.conv2(self.act(residual)) * self.residual_scale[None, :, None, None]
+        return self.shortcut(hidden) + residual
+
+
+class EnergyModel(ModelMixin, ConfigMixin):
+    r"""The negative energy f_hat(y; lambda) of one CDRL level, for images.
+
+    Defaults are the paper's 32x32 EBM (App. A.1, Table 6): a 3x3 conv to 128 channels, four resolutions with
+    channels (128, 256, 256, 256) and 8 residual blocks each, 2x2 average pooling between resolutions, LeakyReLU 0.2,
+    then ReLU, a spatial sum and a readout whose weights depend on the log-SNR: f_hat = sum_c h_c w_c(lambda, c).
+    Spectral normalisation (``torch.nn.utils.parametrizations.spectral_norm``) wraps every conv and dense layer except
+    that readout and the per-block scales. The log-SNR (not the level index) conditions the network (App. A.3).
+
+    Args:
+        sample_size: height and width of the inputs.
+        in_channels: image channels.
+        block_out_channels: channels per resolution; the resolution halves between consecutive entries.
+        layers_per_block: residual blocks per resolution (N in Table 6).
+        embedding_dim: width of the log-SNR/class embedding (512 in the paper).
+        negative_slope: slope of the LeakyReLU activations.
+        num_class_embeds: number of classes of a conditional model (``None``: unconditional). Index
+            ``num_class_embeds`` is the null class used when ``class_labels`` is ``None``.
+        class_names: optional names of the classes, so pipelines accept ``class_labels=["cat"]``.
+        use_spectral_norm: apply spectral normalisation (the paper always does).
+    """
+
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        in_channels: int = 3,
+        block_out_channels: tuple[int, ...] = (128, 256, 256, 256),
+        layers_per_block: int = 8,
+        embedding_dim: int = 512,
+        negative_slope: float = 0.2,
+        num_class_embeds: int | None = None,
+        class_names: list[str] | None = None,
+        use_spectral_norm: bool = True,
+    ):
+        super().__init__()
+        if len(block_out_channels) < 1 or layers_per_block < 1:
+            raise ValueError("`block_out_channels` must not be empty and `layers_per_block` must be at least 1.")
+        downsampling = 2 ** (len(block_out_channels) - 1)
+        if sample_size % downsampling:
+            raise ValueError(
+                f"`sample_size` ({sample_size}) must be divisible by {downsampling} for {len(block_out_channels)} "
+                "resolutions."
+            )
+        validate_class_names(class_names, num_class_embeds)
+
+        self.embedding = ConditionEmbedding(
+            block_out_channels[0], embedding_dim, num_class_embeds, negative_slope, use_spectral_norm
+        )
+        self.act = nn.LeakyReLU(negative_slope)
+        self.conv_in = maybe_spectral_norm(
+            nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1), use_spectral_norm
+        )
+        self.blocks = nn.ModuleList()
+        channels = block_out_channels[0]
+        for out_channels in block_out_channels:
+            for _ in range(layers_per_block):
+                self.blocks.append(
+                    EnergyResBlock(channels, out_channels, embedding_dim, negative_slope, use_spectral_norm)
+                )
+                channels = out_channels
+        self.readout = nn.Linear(embedding_dim, block_out_channels[-1])
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        logsnr: float | torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> EnergyModelOutput | tuple[torch.Tensor]:
+        """f_hat(sample; logsnr, class).
+
+        Args:
+            sample: images of shape (batch, in_channels, sample_size, sample_size), in the chain space y_t.
+            logsnr: lambda_t, a float or a tensor of shape (batch,).
+            class_labels: integer labels of shape (batch,) for conditional models; ``None`` is the null class.
+            return_dict: return an ``EnergyModelOutput`` rather than a tuple.
+        """
+        self._check_sample(sample)
+        logsnr, class_labels = prepare_condition(sample, logsnr, class_labels, self.config.num_class_embeds)
+        embedding = self.act(self.embedding(logsnr, class_labels))
+
+        hidden = self.conv_in(sample)
+        blocks_per_resolution = self.config.layers_per_block
+        for index, block in enumerate(self.blocks):
+            hidden = block(hidden, embedding)
+            last_of_resolution = (index + 1) % blocks_per_resolution == 0
+            if last_of_resolution and index + 1 < len(self.blocks):
+                hidden = F.avg_pool2d(hidden, 2)
+        features = F.relu(hidden).sum(dim=(2, 3))
+        neg_energy = (features * self.readout(embedding)).sum(dim=1)
+
+        if not return_dict:
+            return (neg_energy,)
+        return EnergyModelOutput(neg_energy=neg_energy)
+
+    def _check_sample(self, sample: torch.Tensor) -> None:
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"`sample` must be a torch.Tensor, got {type(sample).__name__}.")
+        if not sample.is_floating_point():
+            raise TypeError(f"`sample` must be a floating-point tensor, got dtype {sample.dtype}.")
+        size, channels = self.config.sample_size, self.config.in_channels
+        if sample.ndim != 4 or sample.shape[1] != channels or tuple(sample.shape[2:]) != (size, size):
+            raise ValueError(
+                f"`sample` must have shape (batch, {channels}, {size}, {size}), got {tuple(sample.shape)}."
+            )

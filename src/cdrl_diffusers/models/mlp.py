@@ -1,0 +1,168 @@
+"""Energy model and initializer for vector data of shape (batch, data_dim), e.g. the 2-D toy problems (Fig. 1)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .embeddings import ConditionEmbedding, maybe_spectral_norm, prepare_condition
+from .energy_model import EnergyModelOutput, validate_class_names
+from .initializer_unet import InitializerOutput
+
+ACTIVATIONS = ("leaky_relu", "silu")
+
+
+def _activation(name: str, negative_slope: float) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"`act_fn` must be one of {ACTIVATIONS}, got {name!r}.")
+    return nn.LeakyReLU(negative_slope) if name == "leaky_relu" else nn.SiLU()
+
+
+def _check_vectors(sample: torch.Tensor, data_dim: int) -> None:
+    if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
+        raise TypeError("`sample` must be a floating-point torch.Tensor.")
+    if sample.ndim != 2 or sample.shape[1] != data_dim:
+        raise ValueError(f"`sample` must have shape (batch, {data_dim}), got {tuple(sample.shape)}.")
+
+
+class EnergyResidualLayer(nn.Module):
+    """act, dense, + dense(embedding), act, dense, x scale, + input: the vector analogue of Table 5a."""
+
+    def __init__(self, hidden_dim: int, embedding_dim: int, activation: nn.Module, use_spectral_norm: bool):
+        super().__init__()
+        self.act = activation
+        self.linear1 = maybe_spectral_norm(nn.Linear(hidden_dim, hidden_dim), use_spectral_norm)
+        self.embedding_proj = maybe_spectral_norm(nn.Linear(embedding_dim, hidden_dim), use_spectral_norm)
+        self.linear2 = maybe_spectral_norm(nn.Linear(hidden_dim, hidden_dim), use_spectral_norm)
+        self.residual_scale = nn.Parameter(torch.zeros(hidden_dim))
+
+    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        residual = self.linear1(self.act(hidden)) + self.embedding_proj(embedding)
+        return hidden + self.linear2(self.act(residual)) * self.residual_scale
+
+
+class EnergyMLP(ModelMixin, ConfigMixin):
+    r"""f_hat(y; lambda) for vectors: the ``EnergyModel`` design with dense layers instead of convolutions.
+
+    A dense input layer, ``num_layers`` residual layers conditioned on the log-SNR (and class) embedding, then ReLU
+    and a readout whose weights depend on the embedding. Spectral normalisation wraps every dense layer except the
+    readout and the per-layer scales; the residual scales start at zero.
+
+    Args:
+        data_dim: dimension of the data vectors.
+        hidden_dim: width of the hidden layers.
+        num_layers: number of residual layers.
+        embedding_dim: width of the log-SNR/class embedding.
+        act_fn: ``"leaky_relu"`` or ``"silu"``.
+        negative_slope: slope of the LeakyReLU.
+        num_class_embeds: classes of a conditional model (``None``: unconditional); index ``num_class_embeds`` is
+            the null class.
+        class_names: optional class names.
+        use_spectral_norm: apply spectral normalisation.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        data_dim: int = 2,
+        hidden_dim: int = 256,
+        num_layers: int = 4,
+        embedding_dim: int = 128,
+        act_fn: str = "leaky_relu",
+        negative_slope: float = 0.2,
+        num_class_embeds: int | None = None,
+        class_names: list[str] | None = None,
+        use_spectral_norm: bool = True,
+    ):
+        super().__init__()
+        validate_class_names(class_names, num_class_embeds)
+        if data_dim < 1 or hidden_dim < 1 or num_layers < 1:
+            raise ValueError("`data_dim`, `hidden_dim` and `num_layers` must be positive.")
+        self.act = _activation(act_fn, negative_slope)
+        self.embedding = ConditionEmbedding(
+            hidden_dim, embedding_dim, num_class_embeds, negative_slope, use_spectral_norm
+        )
+        self.linear_in = maybe_spectral_norm(nn.Linear(data_dim, hidden_dim), use_spectral_norm)
+        self.layers = nn.ModuleList(
+            EnergyResidualLayer(hidden_dim, embedding_dim, self.act, use_spectral_norm) for _ in range(num_layers)
+        )
+        self.readout = nn.Linear(embedding_dim, hidden_dim)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        logsnr: float | torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> EnergyModelOutput | tuple[torch.Tensor]:
+        """f_hat(sample; logsnr, class) for ``sample`` of shape (batch, data_dim); see ``EnergyModel.forward``."""
+        _check_vectors(sample, self.config.data_dim)
+        logsnr, class_labels = prepare_condition(sample, logsnr, class_labels, self.config.num_class_embeds)
+        embedding = self.act(self.embedding(logsnr, class_labels))
+        hidden = self.linear_in(sample)
+        for layer in self.layers:
+            hidden = layer(hidden, embedding)
+        neg_energy = (torch.relu(hidden) * self.readout(embedding)).sum(dim=1)
+        if not return_dict:
+            return (neg_energy,)
+        return EnergyModelOutput(neg_energy=neg_energy)
+
+
+class InitializerMLP(ModelMixin, ConfigMixin):
+    r"""g_phi(x_{t+1}; lambda_{t+1}) for vectors: x + MLP(x, embedding), the last layer zero-initialised (Eq. 6).
+
+    Args:
+        data_dim: dimension of the data vectors.
+        hidden_dim: width of the hidden layers.
+        num_layers: number of hidden layers.
+        num_class_embeds: classes of a conditional model (``None``: unconditional); index ``num_class_embeds`` is
+            the null class.
+    """
+
+    @register_to_config
+    def __init__(
+        self, data_dim: int = 2, hidden_dim: int = 256, num_layers: int = 3, num_class_embeds: int | None = None
+    ):
+        super().__init__()
+        if data_dim < 1 or hidden_dim < 1 or num_layers < 1:
+            raise ValueError("`data_dim`, `hidden_dim` and `num_layers` must be positive.")
+        if num_class_embeds is not None and (isinstance(num_class_embeds, bool) or num_class_embeds < 1):
+            raise ValueError(f"`num_class_embeds` must be a positive integer or None, got {num_class_embeds!r}.")
+        self.sinusoidal = Timesteps(hidden_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(hidden_dim, hidden_dim)
+        self.class_embedding = None
+        if num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(num_class_embeds + 1, hidden_dim)
+        self.linear_in = nn.Linear(data_dim, hidden_dim)
+        self.hidden = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim) for _ in range(num_layers - 1))
+        self.act = nn.SiLU()
+        self.linear_out = nn.Linear(hidden_dim, data_dim)
+        nn.init.zeros_(self.linear_out.weight)
+        nn.init.zeros_(self.linear_out.bias)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        logsnr: float | torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> InitializerOutput | tuple[torch.Tensor]:
+        """g_phi(sample; logsnr, class) for ``sample`` of shape (batch, data_dim)."""
+        _check_vectors(sample, self.config.data_dim)
+        num_class_embeds = self.config.num_class_embeds
+        logsnr, class_labels = prepare_condition(sample, logsnr, class_labels, num_class_embeds)
+        embedding = self.time_embedding(self.sinusoidal(logsnr).to(sample.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                class_labels = torch.full_like(logsnr, num_class_embeds, dtype=torch.long)
+            embedding = embedding + self.class_embedding(class_labels)
+        hidden = self.act(self.linear_in(sample) + embedding)
+        for layer in self.hidden:
+            hidden = self.act(layer(hidden))
+        proposal = sample + self.linear_out(hidden)
+        if not return_dict:
+            return (proposal,)
+        return InitializerOutput(sample=proposal)

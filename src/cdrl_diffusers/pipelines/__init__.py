@@ -1,0 +1,3 @@
+from .pipeline_cdrl import CDRLPipeline
+
+__all__ = ["CDRLPipeline"]

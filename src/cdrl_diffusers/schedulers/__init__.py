@@ -1,0 +1,3 @@
+from .scheduling_cdrl import CDRLScheduler, LangevinCoefficients
+
+__all__ = ["CDRLScheduler", "LangevinCoefficients"]

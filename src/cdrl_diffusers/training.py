@@ -1,0 +1,196 @@
+"""One cooperative training step of CDRL (Algorithm 1) and the optimisation schedule of App. A.2.
+
+Optimizer stepping stays with the caller (``examples/train_cdrl.py`` uses Accelerate); this module computes the
+losses, so every training script, test and benchmark shares one implementation of the algorithm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.training_utils import EMAModel
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from .guidance import ConditionWeights, null_label_of
+from .sampling import frozen, langevin_refine
+from .schedulers.scheduling_cdrl import CDRLScheduler
+
+LEVEL_METRICS = (
+    "ebm_loss",
+    "initializer_loss",
+    "neg_energy_positive",
+    "neg_energy_negative",
+    "neg_energy_gap",
+    "proposal_distance",
+)
+
+
+@dataclass
+class CDRLTrainingOutput:
+    """Losses and diagnostics of one training step.
+
+    Args:
+        ebm_loss: the weighted recovery-likelihood loss of the EBM (Eq. 7), a scalar to minimise.
+        initializer_loss: the initializer's regression loss onto the refined samples (Eq. 8), a scalar.
+        timesteps: the pair index t drawn for each example, shape (batch,).
+        level_metrics: per-pair means of shape (T,), NaN for pairs absent from the batch: ``ebm_loss``,
+            ``initializer_loss``, ``neg_energy_positive`` (f_hat of the data y_t^+), ``neg_energy_negative`` (f_hat of
+            the refined y_tilde_t), ``neg_energy_gap`` (their difference) and ``proposal_distance`` (the L2 distance
+            from the proposal y_hat_t to the refined y_tilde_t).
+        level_counts: number of examples per pair in the batch, shape (T,).
+    """
+
+    ebm_loss: torch.Tensor
+    initializer_loss: torch.Tensor
+    timesteps: torch.Tensor
+    level_metrics: dict[str, torch.Tensor]
+    level_counts: torch.Tensor
+
+
+def warmup_multiplier(step: int, warmup_steps: int = 10_000, head_start: int = 0) -> float:
+    """min(1, (step + head_start) / warmup_steps): the linear learning-rate warm-up of Eq. 15.
+
+    The EBM uses ``head_start=0``; the initializer starts 500 steps ahead (``head_start=500``).
+    """
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + head_start) / warmup_steps)
+
+
+def create_ema_model(model: nn.Module, decay: float = 0.9999) -> EMAModel:
+    """An exponential moving average of ``model`` (App. A.2) with the usual warm-up.
+
+    diffusers' ``EMAModel`` (without ``use_ema_warmup``) copies the weights at its first update and then uses the decay
+    min(decay, (1 + n) / (10 + n)) at the n-th (0-based) update; it stores the model class and config so the average
+    can be saved with ``save_pretrained``.
+    """
+    return EMAModel(model.parameters(), decay=decay, model_cls=type(model), model_config=model.config)
+
+
+def drop_labels(
+    class_labels: torch.Tensor,
+    null_label: int,
+    probability: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Replace each label by the null class with ``probability`` (classifier-free guidance training, Sec. 3.5)."""
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"`probability` must lie in [0, 1], got {probability}.")
+    keep = torch.rand(class_labels.shape, generator=generator, device=generator.device if generator else "cpu")
+    keep = keep.to(class_labels.device) >= probability
+    return torch.where(keep, class_labels, torch.full_like(class_labels, null_label))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel/DataParallel wrapper (Langevin needs no gradient sync)."""
+    return getattr(model, "module", model)
+
+
+def _per_level_mean(values: torch.Tensor, timesteps: torch.Tensor, num_levels: int) -> torch.Tensor:
+    values = values.detach().float()
+    sums = torch.zeros(num_levels, device=values.device).index_add_(0, timesteps, values)
+    counts = torch.bincount(timesteps, minlength=num_levels).to(values.device)
+    return sums / counts
+
+
+def cdrl_training_step(
+    energy_model: nn.Module,
+    initializer: nn.Module,
+    scheduler: CDRLScheduler,
+    clean_samples: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    label_dropout: float = 0.1,
+) -> CDRLTrainingOutput:
+    r"""Losses of one CDRL iteration (Algorithm 1) on a batch of clean data in [-1, 1].
+
+    1. Draw a pair t ~ U{0..T-1} and one noise eps per example; build y_t^+ and x_{t+1} from the shared eps (Eq. 9).
+    2. Propose y_hat_t = g(x_{t+1}) + sigma_tilde_t eps' (Eq. 6).
+    3. Refine it with K Langevin steps on the conditional EBM (Eq. 5), in eval mode and without parameter
+       gradients: y_tilde_t.
+    4. EBM loss (Eq. 7 with the level weights w_t): mean_b w_t (f_hat(y_tilde_t) - f_hat(y_t^+)).
+    5. Initializer loss (Eq. 8 without the 1 / (2 sigma_tilde^2) factor): mean_b sum (y_tilde_t - y_hat_t)^2, with
+       gradients into g through y_hat_t.
+
+    Args:
+        energy_model: the EBM (possibly wrapped by DDP); the EBM loss back-propagates into it.
+        initializer: the initializer (possibly wrapped); the initializer loss back-propagates into it.
+        scheduler: the ``CDRLScheduler``.
+        clean_samples: x_0 of any shape (batch, ...): images or vectors.
+        class_labels: integer labels of shape (batch,) for conditional models (``None``: unconditional). They go
+            to each model that has class embeddings; with ``label_dropout`` they are replaced by the null class.
+        generator: makes the level, noise and dropout draws reproducible.
+        label_dropout: probability of dropping a label to the null class (0.1 in the paper, for guidance).
+    """
+    if not isinstance(clean_samples, torch.Tensor) or not clean_samples.is_floating_point():
+        raise TypeError("`clean_samples` must be a floating-point torch.Tensor.")
+    if clean_samples.ndim < 2 or clean_samples.shape[0] == 0:
+        raise ValueError(
+            f"`clean_samples` must be a non-empty batch (batch, ...), got shape {tuple(clean_samples.shape)}."
+        )
+    batch, device, num_levels = clean_samples.shape[0], clean_samples.device, scheduler.num_noise_levels
+    sampling_energy_model = _unwrap(energy_model)
+    energy_null = null_label_of(sampling_energy_model)
+    initializer_null = null_label_of(_unwrap(initializer))
+    if class_labels is not None:
+        if energy_null is None and initializer_null is None:
+            raise ValueError("`class_labels` were given, but both models are unconditional.")
+        class_labels = torch.as_tensor(class_labels, device=device).long()
+        null = energy_null if energy_null is not None else initializer_null
+        if class_labels.shape != (batch,) or int(class_labels.min()) < 0 or int(class_labels.max()) >= null:
+            raise ValueError(f"`class_labels` must have shape ({batch},) and values in [0, {null - 1}].")
+        if label_dropout > 0:
+            class_labels = drop_labels(class_labels, null, label_dropout, generator)
+    energy_labels = class_labels if energy_null is not None else None
+    initializer_labels = class_labels if initializer_null is not None else None
+    if energy_labels is not None and initializer_labels is not None and energy_null != initializer_null:
+        raise ValueError("A conditional EBM and a conditional initializer must have the same `num_class_embeds`.")
+
+    timesteps = torch.randint(
+        0, num_levels, (batch,), generator=generator, device=generator.device if generator else "cpu"
+    )
+    timesteps = timesteps.to(device)
+    noise = randn_tensor(clean_samples.shape, generator=generator, device=device, dtype=torch.float32)
+    positive, noisier = scheduler.training_pair(clean_samples.float(), timesteps, noise)
+
+    mean = initializer(noisier, scheduler.initializer_logsnr(timesteps), class_labels=initializer_labels).sample
+    proposal_noise = randn_tensor(clean_samples.shape, generator=generator, device=device, dtype=torch.float32)
+    proposal = scheduler.initializer_proposal(mean.float(), timesteps, proposal_noise)
+
+    energy_weights = ConditionWeights.unconditional()
+    if energy_labels is not None:
+        energy_weights = ConditionWeights.conditional(energy_labels)
+    terms = energy_weights.stack(energy_null, batch, device)
+    with frozen(sampling_energy_model):
+        refined = langevin_refine(
+            sampling_energy_model, scheduler, proposal.detach(), noisier, timesteps, terms, generator=generator
+        )
+
+    energy_logsnr = scheduler.energy_logsnr(timesteps)
+    neg_energy = energy_model(
+        torch.cat([positive, refined]),
+        energy_logsnr.repeat(2),
+        class_labels=None if energy_labels is None else energy_labels.repeat(2),
+    ).neg_energy.float()
+    neg_energy_positive, neg_energy_negative = neg_energy.chunk(2)
+    loss_weight = scheduler.loss_weight.to(device)[timesteps]
+    ebm_losses = loss_weight * (neg_energy_negative - neg_energy_positive)
+    initializer_losses = (refined.detach() - proposal).pow(2).flatten(1).sum(dim=1)
+
+    level_values = {
+        "ebm_loss": ebm_losses,
+        "initializer_loss": initializer_losses,
+        "neg_energy_positive": neg_energy_positive,
+        "neg_energy_negative": neg_energy_negative,
+        "neg_energy_gap": neg_energy_positive - neg_energy_negative,
+        "proposal_distance": (refined - proposal.detach()).flatten(1).norm(dim=1),
+    }
+    return CDRLTrainingOutput(
+        ebm_loss=ebm_losses.mean(),
+        initializer_loss=initializer_losses.mean(),
+        timesteps=timesteps,
+        level_metrics={name: _per_level_mean(value, timesteps, num_levels) for name, value in level_values.items()},
+        level_counts=torch.bincount(timesteps, minlength=num_levels),
+    )
