@@ -98,6 +98,29 @@ class ShiftInitializer(ModelMixin, ConfigMixin):
         return InitializerOutput(sample=sample + shift)
 
 
+class QuadraticImageEnergy(ModelMixin, ConfigMixin):
+    """f_hat(y; lambda, c) = -0.5 * a * ||y - mean_c||^2 for images, each class mean a constant image (exact tests)."""
+
+    @register_to_config
+    def __init__(
+        self,
+        class_means: tuple[float, ...] = (0.0,),
+        curvature: float = 0.2,
+        sample_size: int = TINY_SIZE,
+        in_channels: int = 3,
+        num_class_embeds: int | None = None,
+        class_names: list[str] | None = None,
+    ):
+        super().__init__()
+        # One mean per class, the last one for the null class (unconditional term).
+        self.means = torch.nn.Parameter(torch.tensor(class_means, dtype=torch.float32))
+
+    def forward(self, sample, logsnr, class_labels=None, return_dict=True):
+        mean = self.means[-1] if class_labels is None else self.means[class_labels].view(-1, 1, 1, 1)
+        diff = sample - mean
+        return EnergyModelOutput(neg_energy=-0.5 * self.config.curvature * diff.pow(2).sum(dim=(1, 2, 3)))
+
+
 @pytest.fixture
 def scheduler():
     return CDRLScheduler()

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from .guidance import ConditionWeights
 from .model_card import create_model_card
 from .models import EnergyMLP, EnergyModel, EnergyModelOutput, InitializerMLP, InitializerOutput, InitializerUNet
-from .pipelines import CDRLPipeline
+from .pipelines import CDRLComposePipeline, CDRLInpaintPipeline, CDRLPipeline
 from .sampling import CDRLSampler, LevelSample
 from .schedulers import CDRLScheduler, LangevinCoefficients
 from .training import (
@@ -21,6 +21,8 @@ from .training import (
 )
 
 __all__ = [
+    "CDRLComposePipeline",
+    "CDRLInpaintPipeline",
     "CDRLPipeline",
     "CDRLSampler",
     "CDRLScheduler",
