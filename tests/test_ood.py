@@ -6,7 +6,7 @@ import torch
 from conftest import TINY_SIZE, QuadraticImageEnergy, tiny_initializer, tiny_pipeline
 
 from cdrl_diffusers import CDRLPipeline, CDRLScheduler
-from cdrl_diffusers.evaluation import ood_auroc
+from cdrl_diffusers.evaluation import OOD_SHIFTS, ood_auroc, shift_images
 
 
 def pairwise_auroc(positives, negatives):
@@ -82,3 +82,27 @@ def test_in_distribution_images_score_higher_than_shifted_ones():
     in_scores = pipe.log_density(in_distribution)
     for images in shifted.values():
         assert ood_auroc(in_scores, pipe.log_density(images)) > 0.99
+
+
+def test_shifted_sets():
+    images = torch.rand(5, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    shifted = {shift: shift_images(images, shift, torch.Generator().manual_seed(0)) for shift in OOD_SHIFTS}
+    for shift, batch in shifted.items():
+        assert batch.shape == images.shape and batch.min() >= -1 and batch.max() <= 1
+        assert torch.equal(batch, shift_images(images, shift, torch.Generator().manual_seed(0)))  # reproducible
+        assert not torch.allclose(batch, images)
+    assert torch.equal(shifted["inverted"], -images)
+    # Shuffling moves whole pixels: each image keeps its multiset of colours.
+    for original, shuffled in zip(images, shifted["shuffled"]):
+        pixels, moved = original.flatten(1).T.tolist(), shuffled.flatten(1).T.tolist()
+        assert sorted(pixels) == sorted(moved) and pixels != moved
+    # Interpolation averages each image with a different image of the batch.
+    for index, mixed in enumerate(shifted["interpolated"]):
+        partners = [other for other in range(5) if torch.allclose(2 * mixed - images[index], images[other])]
+        assert len(partners) == 1 and partners[0] != index
+    with pytest.raises(ValueError, match="shift"):
+        shift_images(images, "blurred")
+    with pytest.raises(ValueError, match="two images"):
+        shift_images(images[:1], "interpolated")
+    with pytest.raises(ValueError, match="images"):
+        shift_images(images[0], "inverted")

@@ -1,3 +1,3 @@
 """Offline evaluation: densities on a grid, sample distances, feature-based metrics and OOD scores."""
 
-from .ood import ood_auroc  # noqa: F401
+from .ood import OOD_SHIFTS, ood_auroc, shift_images  # noqa: F401

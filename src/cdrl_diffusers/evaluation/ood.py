@@ -1,4 +1,4 @@
-"""Out-of-distribution detection from CDRL log-densities (Sec. 4.4)."""
+"""Out-of-distribution detection from CDRL log-densities (Sec. 4.4): the AUROC and synthetic shifted test sets."""
 
 from __future__ import annotations
 
@@ -37,3 +37,43 @@ def ood_auroc(in_scores: Scores, out_scores: Scores) -> float:
     negatives = _as_scores(out_scores, "out_scores")
     labels = np.concatenate([np.ones(positives.size), np.zeros(negatives.size)])
     return float(roc_auc_score(labels, np.concatenate([positives, negatives])))
+
+
+OOD_SHIFTS: tuple[str, ...] = ("uniform", "shuffled", "inverted", "interpolated")
+
+
+def shift_images(images: torch.Tensor, shift: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A shifted (out-of-distribution) copy of a batch of images in [-1, 1], shape (batch, C, H, W).
+
+    Shifts (``OOD_SHIFTS``): ``"uniform"`` noise in [-1, 1]; ``"shuffled"``: each image's pixel positions permuted
+    (its colours kept); ``"inverted"``: -x (the negative image); ``"interpolated"``: the average of each image and
+    another image of the batch, the "interpolation" set of Sec. 4.4 / Table 4.
+
+    Args:
+        images: the in-distribution batch.
+        shift: one of ``OOD_SHIFTS``.
+        generator: makes the random shifts reproducible.
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"`images` must be a non-empty tensor of shape (batch, C, H, W), got {got}.")
+    if shift not in OOD_SHIFTS:
+        raise ValueError(f"`shift` must be one of {OOD_SHIFTS}, got {shift!r}.")
+    device = generator.device if generator is not None else images.device
+    batch, channels, height, width = images.shape
+    if shift == "uniform":
+        return (torch.rand(images.shape, generator=generator, device=device) * 2 - 1).to(images)
+    if shift == "inverted":
+        return -images
+    if shift == "shuffled":
+        order = torch.rand(batch, height * width, generator=generator, device=device).argsort(dim=1)
+        order = order.to(images.device)[:, None, :].expand(-1, channels, -1)
+        return images.flatten(2).gather(2, order).view_as(images)
+    if batch < 2:
+        raise ValueError("`shift='interpolated'` needs a batch of at least two images.")
+    # A random pairing without fixed points: image i is averaged with image (i + offset) of a shuffled batch.
+    order = torch.randperm(batch, generator=generator, device=device).to(images.device)
+    partner = order.roll(1)
+    mixed = images.clone()
+    mixed[order] = 0.5 * (images[order] + images[partner])
+    return mixed
