@@ -1,3 +1,22 @@
 """Offline evaluation: densities on a grid, sample distances, feature-based metrics and OOD scores."""
 
+from .classifier import (  # noqa: F401
+    ClassifierFeatures,
+    ImageClassifier,
+    SampleScores,
+    classifier_accuracy,
+    feature_diversity,
+    predict_classes,
+    score_samples,
+    train_classifier,
+)
+from .features import (  # noqa: F401
+    FeatureDistances,
+    InceptionFeatures,
+    PrecomputedFeatures,
+    extract_features,
+    feature_distances,
+    frechet_distance,
+    kernel_distance,
+)
 from .ood import OOD_SHIFTS, ood_auroc, shift_images  # noqa: F401
