@@ -14,7 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from .guidance import ConditionWeights, null_label_of
-from .sampling import frozen, langevin_refine
+from .sampling import frozen, langevin_refine, precision_context
 from .schedulers.scheduling_cdrl import CDRLScheduler
 
 LEVEL_METRICS = (
@@ -103,6 +103,7 @@ def cdrl_training_step(
     class_labels: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     label_dropout: float = 0.1,
+    precision: str | None = None,
 ) -> CDRLTrainingOutput:
     r"""Losses of one CDRL iteration (Algorithm 1) on a batch of clean data in [-1, 1].
 
@@ -123,6 +124,12 @@ def cdrl_training_step(
             to each model that has class embeddings; with ``label_dropout`` they are replaced by the null class.
         generator: makes the level, noise and dropout draws reproducible.
         label_dropout: probability of dropping a label to the null class (0.1 in the paper, for guidance).
+        precision: autocast dtype of the network evaluations (``sampling.precision_context``): ``None`` keeps the
+            caller's setting (e.g. Accelerate's ``--mixed_precision``), or ``"fp32"``, ``"bf16"``, ``"fp16"``. The
+            Langevin state, noise and losses are float32 in every mode.
+
+    For tight memory, ``energy_model.enable_gradient_checkpointing()`` stops the positive and negative passes of the
+    EBM loss from holding their activations until the backward pass (docs/performance.md gives the cost).
     """
     if not isinstance(clean_samples, torch.Tensor) or not clean_samples.is_floating_point():
         raise TypeError("`clean_samples` must be a floating-point torch.Tensor.")
@@ -155,25 +162,26 @@ def cdrl_training_step(
     noise = randn_tensor(clean_samples.shape, generator=generator, device=device, dtype=torch.float32)
     positive, noisier = scheduler.training_pair(clean_samples.float(), timesteps, noise)
 
-    mean = initializer(noisier, scheduler.initializer_logsnr(timesteps), class_labels=initializer_labels).sample
-    proposal_noise = randn_tensor(clean_samples.shape, generator=generator, device=device, dtype=torch.float32)
-    proposal = scheduler.initializer_proposal(mean.float(), timesteps, proposal_noise)
+    with precision_context(precision, device):
+        mean = initializer(noisier, scheduler.initializer_logsnr(timesteps), class_labels=initializer_labels).sample
+        proposal_noise = randn_tensor(clean_samples.shape, generator=generator, device=device, dtype=torch.float32)
+        proposal = scheduler.initializer_proposal(mean.float(), timesteps, proposal_noise)
 
-    energy_weights = ConditionWeights.unconditional()
-    if energy_labels is not None:
-        energy_weights = ConditionWeights.conditional(energy_labels)
-    terms = energy_weights.stack(energy_null, batch, device)
-    with frozen(sampling_energy_model):
-        refined = langevin_refine(
-            sampling_energy_model, scheduler, proposal.detach(), noisier, timesteps, terms, generator=generator
-        )
+        energy_weights = ConditionWeights.unconditional()
+        if energy_labels is not None:
+            energy_weights = ConditionWeights.conditional(energy_labels)
+        terms = energy_weights.stack(energy_null, batch, device)
+        with frozen(sampling_energy_model):
+            refined = langevin_refine(
+                sampling_energy_model, scheduler, proposal.detach(), noisier, timesteps, terms, generator=generator
+            )
 
-    energy_logsnr = scheduler.energy_logsnr(timesteps)
-    neg_energy = energy_model(
-        torch.cat([positive, refined]),
-        energy_logsnr.repeat(2),
-        class_labels=None if energy_labels is None else energy_labels.repeat(2),
-    ).neg_energy.float()
+        energy_logsnr = scheduler.energy_logsnr(timesteps)
+        neg_energy = energy_model(
+            torch.cat([positive, refined]),
+            energy_logsnr.repeat(2),
+            class_labels=None if energy_labels is None else energy_labels.repeat(2),
+        ).neg_energy.float()
     neg_energy_positive, neg_energy_negative = neg_energy.chunk(2)
     loss_weight = scheduler.loss_weight.to(device)[timesteps]
     ebm_losses = loss_weight * (neg_energy_negative - neg_energy_positive)

@@ -10,6 +10,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .embeddings import ConditionEmbedding, maybe_spectral_norm, prepare_condition
 
@@ -45,7 +46,13 @@ class EnergyResBlock(nn.Module):
     """LeakyReLU, 3x3 conv, + dense(embedding), LeakyReLU, 3x3 conv, x scale, + shortcut (Table 5a).
 
     The per-channel ``residual_scale`` (not spectrally normalised) starts at zero, so every block starts as the
-    identity, as the near-zero, lower-bounded second convolution of the reference EBM does.
+    identity, as the near-zero, lower-bounded second convolution of the reference EBM does. It is applied to the
+    second convolution's (normalised) weights rather than to its output: the same function, one pass over the
+    activations fewer in the forward and in the backward pass.
+
+    With ``gradient_checkpointing`` (set by ``EnergyModel.enable_gradient_checkpointing``) a training-mode forward
+    keeps only the block's input for the backward pass and recomputes the rest. The spectrally normalised weights
+    are computed once, outside the recomputed region, so recomputation sees exactly the weights of the forward pass.
     """
 
     def __init__(
@@ -60,11 +67,45 @@ class EnergyResBlock(nn.Module):
         self.shortcut = nn.Identity()
         if in_channels != out_channels:
             self.shortcut = maybe_spectral_norm(nn.Conv2d(in_channels, out_channels, 1), use_spectral_norm)
+        self.gradient_checkpointing = False
 
-    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        residual = self.conv1(self.act(hidden)) + self.embedding_proj(embedding)[:, :, None, None]
-        residual = self.conv2(self.act(residual)) * self.residual_scale[None, :, None, None]
-        return self.shortcut(hidden) + residual
+    def forward(self, hidden: torch.Tensor, embedding_bias: torch.Tensor) -> torch.Tensor:
+        """The block on ``hidden`` with ``embedding_bias = embedding_proj(embedding)`` of shape (batch, channels)."""
+        scale = self.residual_scale
+        weights = [
+            self.conv1.weight,
+            self.conv1.bias,
+            self.conv2.weight * scale[:, None, None, None],
+            self.conv2.bias * scale,
+        ]
+        if not isinstance(self.shortcut, nn.Identity):
+            weights += [self.shortcut.weight, self.shortcut.bias]
+        bias = embedding_bias[:, :, None, None]
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(_residual_block, hidden, bias, self.act.negative_slope, *weights, use_reentrant=False)
+        return _residual_block(hidden, bias, self.act.negative_slope, *weights)
+
+    def embedding_bias(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.embedding_proj(embedding)
+
+
+def _residual_block(
+    hidden: torch.Tensor,
+    bias: torch.Tensor,
+    negative_slope: float,
+    conv1_weight: torch.Tensor,
+    conv1_bias: torch.Tensor,
+    conv2_weight: torch.Tensor,
+    conv2_bias: torch.Tensor,
+    shortcut_weight: torch.Tensor | None = None,
+    shortcut_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``EnergyResBlock.forward`` on explicit weights (the scale folded into conv2), as checkpointing recomputes it."""
+    residual = F.conv2d(F.leaky_relu(hidden, negative_slope), conv1_weight, conv1_bias, padding=1) + bias
+    residual = F.conv2d(F.leaky_relu(residual, negative_slope), conv2_weight, conv2_bias, padding=1)
+    if shortcut_weight is not None:
+        hidden = F.conv2d(hidden, shortcut_weight, shortcut_bias)
+    return hidden + residual
 
 
 class EnergyModel(ModelMixin, ConfigMixin):
@@ -87,9 +128,12 @@ class EnergyModel(ModelMixin, ConfigMixin):
             ``num_class_embeds`` is the null class used when ``class_labels`` is ``None``.
         class_names: optional names of the classes, so pipelines accept ``class_labels=["cat"]``.
         use_spectral_norm: apply spectral normalisation (the paper always does).
+
+    ``enable_gradient_checkpointing()`` (diffusers' API) trades compute for memory in training: each residual block
+    keeps only its input for the backward pass. It never applies in eval mode, so Langevin sampling is unaffected.
     """
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -149,21 +193,33 @@ class EnergyModel(ModelMixin, ConfigMixin):
         """
         self._check_sample(sample)
         logsnr, class_labels = prepare_condition(sample, logsnr, class_labels, self.config.num_class_embeds)
-        embedding = self.act(self.embedding(logsnr, class_labels))
+        block_biases, readout = self.embedding.memoized(
+            "energy_model", logsnr, class_labels, lambda: self._conditioning(logsnr, class_labels)
+        )
 
         hidden = self.conv_in(sample)
         blocks_per_resolution = self.config.layers_per_block
-        for index, block in enumerate(self.blocks):
-            hidden = block(hidden, embedding)
+        for index, (block, bias) in enumerate(zip(self.blocks, block_biases)):
+            hidden = block(hidden, bias)
             last_of_resolution = (index + 1) % blocks_per_resolution == 0
             if last_of_resolution and index + 1 < len(self.blocks):
                 hidden = F.avg_pool2d(hidden, 2)
         features = F.relu(hidden).sum(dim=(2, 3))
-        neg_energy = (features * self.readout(embedding)).sum(dim=1)
+        neg_energy = (features * readout).sum(dim=1)
 
         if not return_dict:
             return (neg_energy,)
         return EnergyModelOutput(neg_energy=neg_energy)
+
+    def _conditioning(
+        self, logsnr: torch.Tensor, class_labels: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Everything that depends on (log-SNR, class) alone: each block's embedding bias and the readout weights.
+
+        Inside ``sampling.frozen`` it is computed once per level, not once per Langevin step (``memoized``).
+        """
+        embedding = self.act(self.embedding(logsnr, class_labels))
+        return [block.embedding_bias(embedding) for block in self.blocks], self.readout(embedding)
 
     def _check_sample(self, sample: torch.Tensor) -> None:
         if not isinstance(sample, torch.Tensor):

@@ -263,6 +263,9 @@ class CDRLPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        precision: str | None = None,
+        torch_compile: bool = False,
+        cuda_graph: bool = False,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images (Algorithm 2 and the Tweedie step of Eq. 18).
 
@@ -280,6 +283,11 @@ class CDRLPipeline(DiffusionPipeline):
             callback_on_step_end: called after each noise level as ``callback(pipe, index, t, callback_kwargs)``;
                 a returned ``"latents"`` replaces x_t.
             callback_on_step_end_tensor_inputs: tensors passed in ``callback_kwargs`` (only ``"latents"``).
+            precision: autocast dtype of the network evaluations: ``None`` (the caller's setting, float32 by default),
+                ``"fp32"``, ``"bf16"`` or ``"fp16"``. The Langevin state, quadratic term and noise stay float32. See
+                docs/performance.md for speed and quality.
+            torch_compile: run the EBM through a ``torch.compile``d copy (the first call compiles).
+            cuda_graph: on CUDA, replay the EBM's forward and gradient from a CUDA graph captured once per call.
         """
         self._check_count(batch_size, "batch_size")
         self._check_sampling_arguments(
@@ -301,6 +309,9 @@ class CDRLPipeline(DiffusionPipeline):
             device=device,
             num_langevin_steps=num_langevin_steps,
             generator=generator,
+            precision=precision,
+            torch_compile=torch_compile,
+            cuda_graph=cuda_graph,
         )
         images = self._sample(sampler, latents, callback_on_step_end, callback_on_step_end_tensor_inputs)
         return self._output(images, output_type, return_dict)

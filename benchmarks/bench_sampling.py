@@ -1,0 +1,331 @@
+"""Sampling speed of CDRLPipeline against the naive Algorithm 2 (benchmarks/naive.py), in one process.
+
+Both paths use the same weights, latents, labels and generator seed, so their samples must agree: the fp32 modes
+are checked against the naive samples with a stated tolerance; the reduced-precision modes report their deviation
+(their effect on sample quality is measured on trained models, see docs/performance.md).
+
+Modes: ``naive``, or ``fp32`` / ``bf16`` / ``fp16`` (the pipeline's ``precision``) with optional suffixes
+``_cl`` (channels_last models), ``_compile`` (``torch_compile=True``) and ``_graph`` (``cuda_graph=True``, CUDA only).
+The repeats of all modes are interleaved, so a load change on a shared machine hits every mode alike.
+
+    flock /tmp/cdrl_heavy.lock python benchmarks/bench_sampling.py --arch paper --batch-size 8 --levels 2 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.utils import parametrize
+
+sys.path.insert(0, str(Path(__file__).parent))
+from naive import _guided, naive_sample, textbook_blocks  # noqa: E402
+from perf_utils import (  # noqa: E402
+    build_models,
+    conv_peak,
+    conv_shapes,
+    count_flops,
+    environment,
+    fmt_bytes,
+    summary,
+    timed,
+    write_json,
+)
+
+from cdrl_diffusers import CDRLPipeline, CDRLScheduler, ConditionWeights  # noqa: E402
+from cdrl_diffusers.guidance import weighted_model_output  # noqa: E402
+from cdrl_diffusers.models.embeddings import ConditionEmbedding  # noqa: E402
+from cdrl_diffusers.sampling import frozen, neg_energy_and_grad, precision_context  # noqa: E402
+
+NUM_CLASSES = 10
+FP32_TOLERANCE = 1e-4  # max |x_0 difference| between the fp32 modes and the naive baseline, data in [-1, 1]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_mode(name: str) -> dict:
+    if name == "naive":
+        flags = {"channels_last": False, "torch_compile": False, "cuda_graph": False}
+        return {"naive": True, "precision": "fp32", **flags}
+    precision, *flags = name.split("_")
+    unknown = set(flags) - {"cl", "compile", "graph"}
+    if precision not in DTYPES or unknown:
+        raise SystemExit(f"Unknown mode {name!r}: expected naive or fp32|bf16|fp16 with _cl, _compile, _graph.")
+    return {
+        "naive": False,
+        "precision": precision,
+        "channels_last": "cl" in flags,
+        "torch_compile": "compile" in flags,
+        "cuda_graph": "graph" in flags,
+    }
+
+
+def sampling_runs(args, arch: str, device: torch.device) -> dict:
+    energy, initializer = build_models(arch, NUM_CLASSES, device)
+    scheduler = CDRLScheduler(num_noise_levels=args.levels, num_langevin_steps=args.steps)
+    pipelines = {False: CDRLPipeline(energy, initializer, scheduler)}
+    if any(parse_mode(mode)["channels_last"] for mode in args.modes):
+        pipelines[True] = CDRLPipeline(
+            copy.deepcopy(energy).to(memory_format=torch.channels_last),
+            copy.deepcopy(initializer).to(memory_format=torch.channels_last),
+            scheduler,
+        )
+    for pipe in pipelines.values():
+        pipe.set_progress_bar_config(disable=True)
+    batch = args.batch_size
+    inputs = torch.Generator().manual_seed(args.seed)
+    latents = torch.randn(batch, *pipelines[False].sample_shape, generator=inputs).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=inputs).to(device)
+
+    def runner(mode: str, guidance_scale: float):
+        spec = parse_mode(mode)
+
+        def run() -> torch.Tensor:
+            generator = torch.Generator(device).manual_seed(args.seed)
+            if spec["naive"]:
+                return naive_sample(energy, initializer, scheduler, latents, labels, guidance_scale, None, generator)
+            pipe = pipelines[spec["channels_last"]]
+            images = pipe(
+                batch_size=batch,
+                class_labels=labels,
+                guidance_scale=guidance_scale,
+                latents=latents,
+                generator=generator,
+                output_type="pt",
+                precision=spec["precision"],
+                torch_compile=spec["torch_compile"],
+                cuda_graph=spec["cuda_graph"],
+            ).images
+            return images * 2 - 1
+
+        return run
+
+    # FLOPs: one guided gradient evaluation and one initializer pass, times the number of each per sampling call.
+    gradient_evaluations = args.levels * args.steps + 1
+    results: dict = {"arch": arch, "batch_size": batch, "levels": args.levels, "steps": args.steps, "cases": {}}
+    start = time.perf_counter()
+    for case, guidance_scale in (("guided", args.guidance_scale), ("unguided", 0.0)):
+        if case not in args.cases:
+            continue
+        weights = ConditionWeights.classifier_free_guidance(labels, guidance_scale)
+        terms = weights.stack(NUM_CLASSES, batch, device)
+        initializer_terms = weights.for_initializer().stack(NUM_CLASSES, batch, device)
+        gradient_flops, initializer_flops, shapes = measure_work(
+            energy, initializer, latents, scheduler.energy_logsnr(0, device=device), terms, initializer_terms
+        )
+        flops = gradient_evaluations * gradient_flops + args.levels * initializer_flops
+        runs = {mode: runner(mode, guidance_scale) for mode in args.modes}
+        outputs, seconds, memory = {}, {mode: [] for mode in runs}, {}
+        for mode, run in runs.items():  # warm-up (and compilation), and the samples compared below
+            compile_start = time.perf_counter()
+            outputs[mode] = run()
+            seconds[mode] = []
+            memory[mode] = 0
+            if parse_mode(mode)["torch_compile"]:
+                results.setdefault("compile_s", {})[f"{case}/{mode}"] = time.perf_counter() - compile_start
+        for repeat in range(args.repeats):
+            if repeat > 0 and time.perf_counter() - start > args.time_budget:
+                print(f"  time budget reached: {repeat} repeats of {case}", flush=True)
+                break
+            for mode, run in runs.items():
+                elapsed, peak, _ = timed(run, device)
+                seconds[mode].append(elapsed)
+                memory[mode] = max(memory[mode], peak)
+        peaks = {}
+        for mode in runs:
+            spec = parse_mode(mode)
+            key = (spec["precision"], spec["channels_last"])
+            if key not in peaks and not args.no_peak:
+                peaks[key] = conv_peak(shapes, device, DTYPES[spec["precision"]], spec["channels_last"])
+        reference = outputs.get("naive")
+        naive_median = summary(seconds["naive"])["median_s"] if "naive" in seconds else None
+        case_result = {"guidance_scale": guidance_scale, "flops_per_call": flops, "modes": {}}
+        for mode in runs:
+            stats = summary(seconds[mode])
+            spec = parse_mode(mode)
+            entry = {
+                **stats,
+                "images_per_s": batch / stats["median_s"],
+                "peak_memory_bytes": memory[mode],
+                "achieved_flop_per_s": flops / stats["median_s"],
+            }
+            peak = peaks.get((spec["precision"], spec["channels_last"]))
+            if peak:
+                entry["conv_peak_flop_per_s"] = peak["flop_per_s"]
+                entry["fraction_of_conv_peak"] = entry["achieved_flop_per_s"] / peak["flop_per_s"]
+            if naive_median:
+                entry["speedup_vs_naive"] = naive_median / stats["median_s"]
+            if reference is not None and mode != "naive":
+                error = (outputs[mode].float() - reference.float()).abs()
+                entry["max_abs_diff_vs_naive"] = error.max().item()
+                entry["mean_abs_diff_vs_naive"] = error.mean().item()
+                if spec["precision"] == "fp32":
+                    entry["matches_naive"] = bool(entry["max_abs_diff_vs_naive"] <= FP32_TOLERANCE)
+            case_result["modes"][mode] = entry
+        results["cases"][case] = case_result
+        print_case(arch, case, batch, args, case_result)
+    if args.ablation:
+        results["ablation"] = ablation(args, energy, scheduler, latents, labels, device)
+    return results
+
+
+def measure_work(energy, initializer, latents, logsnr, terms, initializer_terms):
+    """FLOPs of one guided gradient evaluation and one initializer pass, and the convolutions the EBM runs."""
+
+    def gradient():
+        return neg_energy_and_grad(energy, latents, logsnr, terms)
+
+    with frozen(energy, initializer):
+        gradient_flops = count_flops(gradient)
+        initializer_flops = count_flops(lambda: weighted_model_output(initializer, latents, logsnr, initializer_terms))
+        shapes = conv_shapes(gradient)
+    return gradient_flops, initializer_flops, shapes
+
+
+def ablation(args, energy, scheduler, latents, labels, device) -> dict:
+    """One guided energy-gradient evaluation (the Langevin inner step) with the optimisations added one by one.
+
+    Each configuration runs two evaluations per timing (the second sees the caches primed, as Langevin steps 2..K
+    do) and reports their mean.
+    """
+    logsnr = scheduler.energy_logsnr(0, device=device)
+    weights = ConditionWeights.classifier_free_guidance(labels, args.guidance_scale)
+    terms = weights.stack(NUM_CLASSES, latents.shape[0], device)
+    energy_cl = copy.deepcopy(energy).to(memory_format=torch.channels_last).eval()
+    energy.eval()
+
+    def two_passes(model):
+        y = latents.detach().requires_grad_(True)
+        neg_energy = _guided(model, y, logsnr.item(), labels, args.guidance_scale, "neg_energy")
+        return torch.autograd.grad(neg_energy.sum(), y)[0]
+
+    def batched(model):
+        return neg_energy_and_grad(model, latents, logsnr, terms)[1]
+
+    def configuration(gradient, frozen_params=True, cached=True, textbook=False, model=energy, precision="fp32"):
+        embeddings = [m for m in model.modules() if isinstance(m, ConditionEmbedding)]
+
+        def run():
+            flags = [(p, p.requires_grad) for p in model.parameters()]
+            model.requires_grad_(not frozen_params)
+            caches = parametrize.cached() if cached else nullcontext()
+            try:
+                with caches, textbook_blocks() if textbook else nullcontext(), precision_context(precision, device):
+                    for module in embeddings:
+                        module._cache = [] if cached else None
+                    for _ in range(2):
+                        result = gradient(model)
+                return result
+            finally:
+                for module in embeddings:
+                    module._cache = None
+                for param, flag in flags:
+                    param.requires_grad_(flag)
+
+        return run
+
+    steps = {
+        "naive: params require grad, 2 passes": configuration(two_passes, False, False, True),
+        "+ no parameter gradients": configuration(two_passes, True, False, True),
+        "+ SN weights and conditioning cached": configuration(two_passes, True, True, True),
+        "+ guidance terms in one batched pass": configuration(batched, True, True, True),
+        "+ residual scale folded (library fp32)": configuration(batched),
+        "+ channels_last": configuration(batched, model=energy_cl),
+        "bf16 autocast": configuration(batched, precision="bf16"),
+        "bf16 autocast + channels_last": configuration(batched, model=energy_cl, precision="bf16"),
+        "fp16 autocast + channels_last": configuration(batched, model=energy_cl, precision="fp16"),
+    }
+    seconds = {name: [] for name in steps}
+    reference = None
+    errors = {}
+    for name, run in steps.items():
+        gradient = run()
+        reference = gradient if reference is None else reference
+        errors[name] = ((gradient.float() - reference).norm() / reference.norm()).item()
+    for _ in range(args.repeats):
+        for name, run in steps.items():
+            seconds[name].append(timed(run, device)[0] / 2)
+    base = summary(seconds[next(iter(steps))])["median_s"]
+    result = {}
+    batch = latents.shape[0]
+    print(f"\n  Ablation: one guided gradient evaluation, batch {batch} x 2 terms (median of {args.repeats})")
+    print(f"    {'configuration':<44s}{'time':>11s}{'speedup':>9s}{'rel. gradient error':>21s}")
+    for name in steps:
+        stats = summary(seconds[name])
+        result[name] = {**stats, "speedup_vs_naive": base / stats["median_s"], "relative_gradient_error": errors[name]}
+        print(
+            f"    {name:<44s}{stats['median_s'] * 1e3:9.0f}ms{base / stats['median_s']:8.2f}x{errors[name]:21.1e}",
+            flush=True,
+        )
+    return result
+
+
+def print_case(arch: str, case: str, batch: int, args, result: dict) -> None:
+    evaluations = args.levels * args.steps + 1
+    print(
+        f"\n[{arch}] {case} sampling (w={result['guidance_scale']}), batch {batch}, {args.levels} levels x "
+        f"{args.steps} Langevin steps + Tweedie = {evaluations} gradient evaluations per call"
+        + ("" if (args.levels, args.steps) == (6, 15) else " (reduced from the paper's 6 x 15)"),
+        flush=True,
+    )
+    header = (
+        f"  {'mode':<18s}{'median':>9s}{'min':>8s}{'max':>8s}{'IQR':>6s}{'img/s':>8s}{'speedup':>8s}{'GFLOP/s':>9s}"
+        f"{'%peak':>7s}{'peak mem':>10s}{'max|dx| vs naive':>18s}"
+    )
+    print(header)
+    for mode, entry in result["modes"].items():
+        diff = entry.get("max_abs_diff_vs_naive")
+        verdict = ""
+        if "matches_naive" in entry:
+            verdict = " ok" if entry["matches_naive"] else f" FAIL (> {FP32_TOLERANCE})"
+        print(
+            f"  {mode:<18s}{entry['median_s']:8.2f}s{entry['min_s']:7.2f}s{entry['max_s']:7.2f}s"
+            f"{entry['iqr_rel']:6.0%}{entry['images_per_s']:8.2f}"
+            f"{entry.get('speedup_vs_naive', float('nan')):7.2f}x{entry['achieved_flop_per_s'] / 1e9:9.1f}"
+            f"{entry.get('fraction_of_conv_peak', float('nan')):7.0%}{fmt_bytes(entry['peak_memory_bytes']):>10s}"
+            f"{'' if diff is None else f'{diff:.1e}':>14s}{verdict}",
+            flush=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", nargs="+", default=["paper", "small"], choices=["paper", "small", "tiny"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--levels", type=int, default=6, help="noise levels T (the paper: 6)")
+    parser.add_argument("--steps", type=int, default=15, help="Langevin steps K per level (the paper: 15)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--cases", nargs="+", default=["guided", "unguided"], choices=["guided", "unguided"])
+    parser.add_argument("--modes", nargs="+", default=["naive", "fp32", "fp32_cl", "bf16", "bf16_cl"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--allow-tf32", action="store_true", help="CUDA: let fp32 convolutions use TF32 (PyTorch's default for cuDNN)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ablation", action="store_true", help="also time each optimisation on one evaluation")
+    parser.add_argument("--no-peak", action="store_true", help="skip the conv peak measurement")
+    parser.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; stop adding repeats")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    for mode in args.modes:
+        parse_mode(mode)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+    payload = {"command": " ".join(sys.argv), "environment": environment(device), "results": []}
+    print(f"environment: {payload['environment']}", flush=True)
+    for arch in args.arch:
+        payload["results"].append(sampling_runs(args, arch, device))
+        write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
