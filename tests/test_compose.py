@@ -172,6 +172,7 @@ def test_loads_from_a_cdrl_pipeline_folder_and_round_trips(tmp_path):
         ({"concepts": [0], "concept_weights": [2.0], "guidance_scale": 1.0}, ValueError, "not both"),
         ({"concepts": [0], "guidance_scale": -1.0}, ValueError, "guidance_scale"),
         ({"concepts": [0], "batch_size": 0}, ValueError, "batch_size"),
+        ({"concepts": [0], "precision": "int8"}, ValueError, "precision"),
         ({"concepts": [0], "latents": torch.randn(1, 1, TINY_SIZE, TINY_SIZE)}, ValueError, "latents"),
     ],
 )

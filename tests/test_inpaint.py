@@ -52,6 +52,14 @@ def test_known_pixels_are_kept_exactly_and_masked_ones_change(inpaint):
     assert out.min() >= 0 and out.max() <= 1
 
 
+def test_bf16_evaluation_keeps_known_pixels_exactly(inpaint):
+    image, mask = images(), square_mask()
+    out = run(inpaint, image, mask, precision="bf16")
+    keep = ~mask.bool().expand_as(out)
+    assert torch.equal(out[keep], (image * 0.5 + 0.5)[keep])
+    assert not torch.equal(out, run(inpaint, image, mask))
+
+
 def test_generator_makes_results_reproducible(inpaint):
     image, mask = images(), square_mask()
     assert torch.equal(run(inpaint, image, mask, seed=3), run(inpaint, image, mask, seed=3))
@@ -156,6 +164,7 @@ def test_loads_from_a_cdrl_pipeline_folder_and_round_trips(tmp_path):
         ({"num_langevin_steps": -1}, ValueError, "num_langevin_steps"),
         ({"output_type": "latent"}, ValueError, "output_type"),
         ({"generator": [torch.Generator()]}, ValueError, "generators"),
+        ({"precision": "int8"}, ValueError, "precision"),
     ],
 )
 def test_bad_inputs(inpaint, kwargs, error, message):

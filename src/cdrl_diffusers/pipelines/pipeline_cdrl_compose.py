@@ -73,6 +73,9 @@ class CDRLComposePipeline(CDRLPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         product_of_experts: bool = False,
         compose_initializer: bool = False,
+        precision: str | None = None,
+        torch_compile: bool = False,
+        cuda_graph: bool = False,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images that show every concept at once (Eq. 14).
 
@@ -96,6 +99,7 @@ class CDRLComposePipeline(CDRLPipeline):
             compose_initializer: combine the initializer's means by the same weights (they then sum to one,
                 ``ConditionWeights.for_initializer``); needs a class-conditional initializer. By default the
                 initializer is unconditional, as in the paper.
+            precision, torch_compile, cuda_graph: how the networks are evaluated, as in ``CDRLPipeline.__call__``.
         """
         self._check_count(batch_size, "batch_size")
         self._check_sampling_arguments(
@@ -124,6 +128,9 @@ class CDRLComposePipeline(CDRLPipeline):
             device=device,
             num_langevin_steps=num_langevin_steps,
             generator=generator,
+            precision=precision,
+            torch_compile=torch_compile,
+            cuda_graph=cuda_graph,
         )
         images = self._sample(sampler, latents, callback_on_step_end, callback_on_step_end_tensor_inputs)
         return self._output(images, output_type, return_dict)

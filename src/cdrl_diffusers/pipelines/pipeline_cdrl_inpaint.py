@@ -96,6 +96,9 @@ class CDRLInpaintPipeline(CDRLPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        precision: str | None = None,
+        torch_compile: bool = False,
+        cuda_graph: bool = False,
     ) -> ImagePipelineOutput | tuple:
         r"""Inpaint the masked region of ``image`` (App. C).
 
@@ -115,6 +118,7 @@ class CDRLInpaintPipeline(CDRLPipeline):
             callback_on_step_end: called after each noise level as ``callback(pipe, index, t, callback_kwargs)``;
                 a returned ``"latents"`` replaces x_t.
             callback_on_step_end_tensor_inputs: tensors passed in ``callback_kwargs`` (only ``"latents"``).
+            precision, torch_compile, cuda_graph: how the networks are evaluated, as in ``CDRLPipeline.__call__``.
         """
         self._check_sampling_arguments(
             guidance_scale, num_langevin_steps, output_type, callback_on_step_end_tensor_inputs
@@ -156,6 +160,9 @@ class CDRLInpaintPipeline(CDRLPipeline):
             device=device,
             num_langevin_steps=num_langevin_steps,
             generator=generator,
+            precision=precision,
+            torch_compile=torch_compile,
+            cuda_graph=cuda_graph,
             project=keep_known,
         )
         # The masked pixels of the input are never read: x_T noises the observation with that region zeroed.
