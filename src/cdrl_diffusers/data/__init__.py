@@ -12,3 +12,14 @@ from .shapes import (  # noqa: F401
     render_shape,
     shape_mask,
 )
+from .toy2d import (  # noqa: F401
+    TOY_BOUND,
+    TOY_DATASETS,
+    checkerboard,
+    eight_gaussians,
+    has_density,
+    sample_toy,
+    toy_log_density,
+    toy_support,
+    two_spirals,
+)

@@ -10,6 +10,16 @@ from .classifier import (  # noqa: F401
     score_samples,
     train_classifier,
 )
+from .density import (  # noqa: F401
+    DensityGrid,
+    density_grid,
+    energy_log_density,
+    fraction_in_support,
+    grid_log_probabilities,
+    kl_divergence_on_grid,
+    mmd_rbf,
+    sliced_wasserstein_distance,
+)
 from .features import (  # noqa: F401
     FeatureDistances,
     InceptionFeatures,
