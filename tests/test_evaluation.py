@@ -215,6 +215,11 @@ def test_score_samples_of_the_reference_itself():
     assert scores.accuracy == pytest.approx(classifier_accuracy(classifier, images, labels))
     assert scores.frechet_distance == pytest.approx(0.0, abs=1e-6)
     assert scores.diversity == pytest.approx(scores.reference_diversity)
+    unlabelled = score_samples(classifier, images, None, images, labels)  # unconditional samples
+    assert unlabelled.accuracy is None
+    features = extract_features(ClassifierFeatures(classifier), images)
+    predicted = predict_classes(classifier, images)
+    assert unlabelled.diversity == pytest.approx(feature_diversity(features, predicted))
     noise = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
     assert score_samples(classifier, noise, labels, images, labels).frechet_distance > 0.1
     distances = feature_distances(images, noise, ClassifierFeatures(classifier), kid_subset_size=32)

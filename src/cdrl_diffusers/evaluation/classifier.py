@@ -253,19 +253,21 @@ def train_classifier(
 
 @dataclass
 class SampleScores:
-    """Scores of class-conditional samples against reference data, in a classifier's feature space.
+    """Scores of samples against reference data, in a classifier's feature space.
 
     Args:
-        accuracy: fraction of samples the classifier assigns to the class they were generated for.
+        accuracy: fraction of samples the classifier assigns to the class they were generated for (``None`` for
+            samples generated without labels).
         frechet_distance: Fréchet classifier distance between reference and sample features.
         kid_mean: KID in the same feature space (mean over subsets).
         kid_std: KID standard deviation over subsets.
-        diversity: mean within-class pairwise feature distance of the samples (``feature_diversity``).
+        diversity: mean within-class pairwise feature distance of the samples (``feature_diversity``); without
+            sample labels, the classes are the classifier's predictions.
         reference_diversity: the same for the reference data, the value a perfect sampler would reach.
         num_samples: number of samples scored.
     """
 
-    accuracy: float
+    accuracy: float | None
     frechet_distance: float
     kid_mean: float
     kid_std: float
@@ -273,28 +275,38 @@ class SampleScores:
     reference_diversity: float
     num_samples: int
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
 
 
 def score_samples(
     classifier: ImageClassifier,
     samples: torch.Tensor,
-    sample_labels: torch.Tensor | np.ndarray,
+    sample_labels: torch.Tensor | np.ndarray | None,
     reference_images: torch.Tensor,
     reference_labels: torch.Tensor | np.ndarray,
     batch_size: int = 256,
     seed: int = 0,
 ) -> SampleScores:
-    """Accuracy, Fréchet classifier distance, KID and diversity of labelled samples against reference data."""
-    sample_labels = _check_labels(sample_labels, samples.shape[0], "sample_labels")
+    """Accuracy, Fréchet classifier distance, KID and diversity of samples against labelled reference data.
+
+    ``sample_labels`` are the classes the samples were generated for; ``None`` (unconditional samples) skips the
+    accuracy and measures diversity within the classes the classifier predicts.
+    """
+    _check_images(samples, "samples")
+    accuracy = None
+    if sample_labels is None:
+        sample_labels = predict_classes(classifier, samples, batch_size)
+    else:
+        sample_labels = _check_labels(sample_labels, samples.shape[0], "sample_labels")
+        accuracy = classifier_accuracy(classifier, samples, sample_labels, batch_size)
     reference_labels = _check_labels(reference_labels, reference_images.shape[0], "reference_labels")
     extractor = ClassifierFeatures(classifier)
     reference_features = extract_features(extractor, reference_images, batch_size)
     sample_features = extract_features(extractor, samples, batch_size)
     kid_mean, kid_std = kernel_distance(reference_features, sample_features, seed=seed)
     return SampleScores(
-        accuracy=classifier_accuracy(classifier, samples, sample_labels, batch_size),
+        accuracy=accuracy,
         frechet_distance=frechet_distance(reference_features, sample_features),
         kid_mean=kid_mean,
         kid_std=kid_std,
