@@ -208,7 +208,7 @@ def conv_shapes(run: Callable[[], object]) -> Counter:
 
 
 def conv_peak(
-    shapes: Counter, device: torch.device, dtype: torch.dtype, channels_last: bool, repeats: int = 3
+    shapes: Counter, device: torch.device, dtype: torch.dtype, channels_last: bool, repeats: int = 5
 ) -> dict[str, float]:
     """The best throughput of this machine on exactly these convolutions (forward + input gradient, as in Langevin).
 
