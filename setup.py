@@ -19,8 +19,14 @@ install_requires = [
     "numpy>=1.24",
     "Pillow>=9.0",
     "tqdm>=4.60",
+    # evaluation: FID/KID, ROC AUC, the bundled digits
+    "torchmetrics>=1.0",
+    "scikit-learn>=1.3",
+    "scipy>=1.10",
 ]
-test_requires = ["pytest>=7.4", "scikit-learn>=1.3"]
+examples_requires = ["tensorboard>=2.12", "matplotlib>=3.7"]
+test_requires = ["pytest>=7.4"] + examples_requires
+docs_requires = ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.25"]
 
 setup(
     name="cdrl_diffusers",
@@ -34,8 +40,10 @@ setup(
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require={
+        "examples": examples_requires,
         "test": test_requires,
-        "dev": test_requires + ["ruff>=0.4"],
+        "docs": docs_requires,
+        "dev": test_requires + docs_requires + ["ruff>=0.4"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
