@@ -39,6 +39,7 @@ setup(
     packages=find_packages("src"),
     python_requires=">=3.10",
     install_requires=install_requires,
+    entry_points={"console_scripts": ["cdrl-diffusers = cdrl_diffusers.cli:main"]},
     extras_require={
         "examples": examples_requires,
         "test": test_requires,

@@ -818,7 +818,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
             raise ValueError(
                 f"{input_dir} has no {os.path.basename(generator_file)}: resume with the same number of processes."
             )
-        generator.set_state(torch.load(generator_file))
+        generator.set_state(torch.load(generator_file, weights_only=True))
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)

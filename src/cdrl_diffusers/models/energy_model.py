@@ -12,6 +12,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..hub import SafeLoadingMixin
 from .embeddings import ConditionEmbedding, maybe_spectral_norm, prepare_condition
 
 
@@ -108,7 +109,7 @@ def _residual_block(
     return hidden + residual
 
 
-class EnergyModel(ModelMixin, ConfigMixin):
+class EnergyModel(SafeLoadingMixin, ModelMixin, ConfigMixin):
     r"""The negative energy f_hat(y; lambda) of one CDRL level, for images.
 
     Defaults are the paper's 32x32 EBM (App. A.1, Table 6): a 3x3 conv to 128 channels, four resolutions with

@@ -10,6 +10,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.utils import BaseOutput
 
+from ..hub import SafeLoadingMixin
 from .embeddings import prepare_condition
 
 
@@ -24,7 +25,7 @@ class InitializerOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class InitializerUNet(ModelMixin, ConfigMixin):
+class InitializerUNet(SafeLoadingMixin, ModelMixin, ConfigMixin):
     r"""g_phi(x_{t+1}; lambda_{t+1}): proposes the alpha-scaled sample y_t directly (Eq. 6, App. A.1).
 
     A diffusers ``UNet2DModel`` (the improved-DDPM UNet with halved channels: 64 channels at every resolution,

@@ -8,6 +8,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..hub import SafeLoadingMixin
 from .embeddings import ConditionEmbedding, maybe_spectral_norm, prepare_condition
 from .energy_model import EnergyModelOutput, validate_class_names
 from .initializer_unet import InitializerOutput
@@ -44,7 +45,7 @@ class EnergyResidualLayer(nn.Module):
         return hidden + self.linear2(self.act(residual)) * self.residual_scale
 
 
-class EnergyMLP(ModelMixin, ConfigMixin):
+class EnergyMLP(SafeLoadingMixin, ModelMixin, ConfigMixin):
     r"""f_hat(y; lambda) for vectors: the ``EnergyModel`` design with dense layers instead of convolutions.
 
     A dense input layer, ``num_layers`` residual layers conditioned on the log-SNR (and class) embedding, then ReLU
@@ -111,7 +112,7 @@ class EnergyMLP(ModelMixin, ConfigMixin):
         return EnergyModelOutput(neg_energy=neg_energy)
 
 
-class InitializerMLP(ModelMixin, ConfigMixin):
+class InitializerMLP(SafeLoadingMixin, ModelMixin, ConfigMixin):
     r"""g_phi(x_{t+1}; lambda_{t+1}) for vectors: x + MLP(x, embedding), the last layer zero-initialised (Eq. 6).
 
     Args:

@@ -17,6 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import ModelCard
 
 from ..guidance import ConditionWeights
+from ..hub import check_pipeline_folder, download_pipeline
 from ..model_card import create_model_card
 from ..models.energy_model import EnergyModel
 from ..models.initializer_unet import InitializerUNet
@@ -362,6 +363,32 @@ class CDRLPipeline(DiffusionPipeline):
                 scores.append(self.scheduler.log_density(neg_energy, noise_level))
         return torch.cat(scores).cpu()
 
+    @classmethod
+    def download(cls, pretrained_model_name: str, **kwargs: Any) -> str:
+        """Fetch a pipeline repo with ``huggingface_hub.snapshot_download`` and return its local folder.
+
+        Replaces diffusers' download step, which refuses components from this library; see ``cdrl_diffusers.hub``.
+        """
+        return download_pipeline(pretrained_model_name, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> CDRLPipeline:
+        """Load a pipeline saved by ``save_pretrained`` from a local folder or a Hub repo id (``"org/name"``).
+
+        Keyword arguments are those of ``DiffusionPipeline.from_pretrained`` (``revision``, ``cache_dir``, ``token``,
+        ``local_files_only``, ``torch_dtype``, ...). Weights are read from safetensors only unless
+        ``use_safetensors=False`` is passed; ``custom_pipeline`` and ``trust_remote_code`` are not supported.
+        """
+        for option in ("custom_pipeline", "trust_remote_code"):
+            if kwargs.get(option):
+                raise ValueError(f"`{option}` is not supported: CDRL pipelines never run code from a model repo.")
+        kwargs.setdefault("use_safetensors", True)
+        folder = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            folder = cls.download(folder, **kwargs)
+        check_pipeline_folder(folder, tuple(sorted(cls._get_signature_keys(cls)[0])))
+        return super().from_pretrained(folder, **kwargs)
+
     def create_model_card(self, **kwargs: Any) -> ModelCard:
         """A Hub model card for this pipeline; keyword arguments go to ``cdrl_diffusers.create_model_card``."""
         return create_model_card(self, **kwargs)
@@ -371,10 +398,11 @@ class CDRLPipeline(DiffusionPipeline):
     ) -> None:
         """Save the components (safetensors) as diffusers does, plus a Hub model card ``README.md``.
 
+        Other positional and keyword arguments are passed on to ``DiffusionPipeline.save_pretrained``.
+
         Args:
             save_directory: the folder to write.
             model_card: the card to write; by default ``create_model_card()`` describes the pipeline.
-            *args, **kwargs: passed on to ``DiffusionPipeline.save_pretrained``.
         """
         super().save_pretrained(save_directory, *args, **kwargs)
         card = model_card if model_card is not None else self.create_model_card()
