@@ -96,7 +96,7 @@ def test_divergence_is_reported_not_silent(monkeypatch, capsys):
 
     def poisoned(name, num_samples, generator=None, scale=1.0):
         calls["count"] += 1
-        fill = math.nan if calls["count"] == 3 else 0.5
+        fill = 3e38 if calls["count"] == 3 else 0.5  # finite data whose energies overflow
         return torch.full((num_samples, 2), fill)
 
     monkeypatch.setattr(toy_2d, "sample_toy", poisoned)
@@ -110,5 +110,7 @@ def test_config_validation_and_presets():
         toy_2d.ToyConfig(dataset="moons")
     with pytest.raises(ValueError, match="mixed_precision"):
         toy_2d.ToyConfig(mixed_precision="fp16")
+    with pytest.raises(ValueError, match="lr_decay"):
+        toy_2d.ToyConfig(lr_decay="linear")
     config, _ = toy_2d.parse_args(["--preset", "long", "--seed", "3"])
     assert config.num_train_steps == toy_2d.PRESETS["long"]["num_train_steps"] and config.seed == 3
