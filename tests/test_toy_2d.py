@@ -105,6 +105,12 @@ def test_divergence_is_reported_not_silent(monkeypatch, capsys):
     assert "f_hat gap per level" in capsys.readouterr().out
 
 
+def test_exploding_but_finite_energies_stop_training():
+    config = replace(CI_CONFIG, num_train_steps=3, log_every=1, max_neg_energy_gap=1e-12)
+    with pytest.raises(toy_2d.DivergenceError, match="Step 1: the EBM is diverging"):
+        toy_2d.train_toy(config, progress=False, log=False)
+
+
 def test_config_validation_and_presets():
     with pytest.raises(ValueError, match="dataset"):
         toy_2d.ToyConfig(dataset="moons")
