@@ -9,10 +9,11 @@ it trains a small model on the embedded coloured-shapes dataset in a few minutes
     accelerate launch examples/train_cdrl.py --embedded_dataset digits --label_column label   # class-conditional
     accelerate launch examples/train_cdrl.py --attribute_columns shape color                  # compositional
     torchrun --nproc_per_node 2 examples/train_cdrl.py                                         # CPU data parallel
+    accelerate launch examples/train_cdrl.py --eval_steps 500 --keep_best_metric frechet_distance  # held-out metrics
 
 Every iteration calls ``cdrl_training_step`` (Algorithm 1); this script adds data loading, optimisation (App. A.2),
-EMA, checkpoints that resume exactly, training-health checks, sample grids and the export of a ``CDRLPipeline``.
-See docs/training.md.
+EMA, checkpoints that resume exactly, training-health checks, sample grids, optional held-out evaluation with the
+offline metrics of ``cdrl_diffusers.evaluation`` and the export of a ``CDRLPipeline``. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ from cdrl_diffusers import (
     warmup_multiplier,
 )
 from cdrl_diffusers.data import load_digits_dataset, load_shapes_dataset
+from cdrl_diffusers.evaluation import (
+    ClassifierFeatures,
+    classifier_accuracy,
+    extract_features,
+    frechet_distance,
+    kernel_distance,
+    train_classifier,
+)
 from cdrl_diffusers.training import LEVEL_METRICS
 
 logger = get_logger(__name__, log_level="INFO")
@@ -76,6 +85,11 @@ MODEL_CONFIGS = {
 # Sub-folders of a checkpoint and of the exported pipeline.
 ENERGY_MODEL, INITIALIZER = "energy_model", "initializer"
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+# The held-out metrics of --eval_steps, and whether a larger value is better (the choices of --keep_best_metric).
+HIGHER_IS_BETTER = {"frechet_distance": False, "kid": False, "accuracy": True}
+# The evaluation classifier trains for this many epochs on at most this many training images (a seeded subset of
+# larger datasets): a minute or two on a CPU, once per dataset (it is cached).
+CLASSIFIER_EPOCHS, CLASSIFIER_MAX_IMAGES = 10, 5_000
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -217,12 +231,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     output.add_argument("--logger", type=str, default="tensorboard", choices=["tensorboard", "wandb"])
     output.add_argument("--logging_dir", type=str, default="logs", help="Log folder, relative to --output_dir.")
     output.add_argument("--save_images_steps", type=int, default=500, help="Write a sample grid this often.")
-    output.add_argument("--eval_batch_size", type=int, default=32, help="Images in each sample grid.")
+    output.add_argument(
+        "--eval_batch_size", type=int, default=32, help="Images in each sample grid; sampling batch of --eval_steps."
+    )
     output.add_argument("--save_model_steps", type=int, default=None, help="Export the EMA pipeline this often.")
     output.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hub.")
     output.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: --output_dir's name).")
     output.add_argument("--hub_token", type=str, default=None, help="Token for the upload.")
     output.add_argument("--hub_private_repo", action="store_true", help="Create a private repository.")
+
+    evaluation = parser.add_argument_group("held-out evaluation (docs/training.md)")
+    evaluation.add_argument(
+        "--eval_steps",
+        type=int,
+        default=None,
+        help="Score EMA samples against the held-out split this often and at the end: Fréchet distance and KID in a "
+        "classifier's feature space, and the accuracy of guided samples for class-conditional models.",
+    )
+    evaluation.add_argument(
+        "--validation_split",
+        type=float,
+        default=None,
+        help="Hold out this fraction (e.g. 0.1) or number (e.g. 256) of images, drawn with --seed, never trained on "
+        "(default with --eval_steps: 0.1).",
+    )
+    evaluation.add_argument("--eval_num_samples", type=int, default=256, help="Samples generated per evaluation.")
+    evaluation.add_argument(
+        "--eval_guidance_scale",
+        type=float,
+        default=1.0,
+        help="Guidance weight w of the evaluation samples of class-conditional models (the classes in turn).",
+    )
+    evaluation.add_argument(
+        "--keep_best_metric",
+        type=str,
+        default=None,
+        choices=sorted(HIGHER_IS_BETTER),
+        help="Export the EMA pipeline with the best value of this metric to OUTPUT_DIR/best.",
+    )
 
     args = parser.parse_args(argv)
     sources = [flag for flag in ("dataset_name", "train_data_dir", "embedded_dataset") if getattr(args, flag)]
@@ -237,11 +283,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in (*positive, "max_consecutive_nonfinite"):
         if getattr(args, flag) < 1:
             raise ValueError(f"`--{flag}` must be a positive integer, got {getattr(args, flag)}.")
-    for flag in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "save_model_steps"):
+    for flag in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "save_model_steps", "eval_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"`--{flag}` must be a positive integer, got {getattr(args, flag)}.")
     if not 0.0 <= args.label_dropout < 1.0:
         raise ValueError(f"`--label_dropout` must lie in [0, 1), got {args.label_dropout}.")
+    if args.validation_split is None and args.eval_steps is not None:
+        args.validation_split = 0.1
+    if args.validation_split is not None:
+        split = args.validation_split
+        if not (0 < split < 1 or (split >= 2 and split.is_integer())):
+            raise ValueError(
+                f"`--validation_split` must be a fraction in (0, 1) or a number of images >= 2, got {split}."
+            )
+        args.validation_split = split if split < 1 else int(split)
+    if args.eval_num_samples < 2:
+        raise ValueError(f"`--eval_num_samples` must be at least 2, got {args.eval_num_samples}.")
+    if not (math.isfinite(args.eval_guidance_scale) and args.eval_guidance_scale >= 0):
+        raise ValueError(f"`--eval_guidance_scale` must be a finite number >= 0, got {args.eval_guidance_scale}.")
+    if args.keep_best_metric is not None and args.eval_steps is None:
+        raise ValueError("`--keep_best_metric` needs `--eval_steps`: the metric is computed by the evaluation.")
+    if args.keep_best_metric == "accuracy" and not args.label_column:
+        raise ValueError("`--keep_best_metric accuracy` needs a class-conditional model (`--label_column`).")
     if args.output_dir is None:
         source = args.dataset_name or args.train_data_dir or args.embedded_dataset or "shapes"
         args.output_dir = os.path.join("outputs", f"cdrl-{Path(source.rstrip('/')).name}")
@@ -253,8 +316,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------------------------
 # Data: every source becomes a `datasets.Dataset`, then one code path turns rows into training tensors.
 # --------------------------------------------------------------------------------------------------------------------
-def load_training_dataset(args: argparse.Namespace) -> tuple[datasets.Dataset, str]:
-    """The training split and a name for the model card."""
+def load_training_dataset(args: argparse.Namespace) -> tuple[datasets.Dataset, datasets.Dataset | None, str]:
+    """The training split, the held-out split (``--validation_split``, else ``None``) and a name for the model card.
+
+    The held-out images are taken out before ``--max_train_samples`` picks its subset: they are never trained on.
+    """
     if args.dataset_name:
         dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
         name = args.dataset_name
@@ -269,9 +335,17 @@ def load_training_dataset(args: argparse.Namespace) -> tuple[datasets.Dataset, s
         raise ValueError(
             f"`--image_column` {args.image_column!r} is not a column of the dataset: {dataset.column_names}."
         )
+    validation = None
+    if args.validation_split is not None:
+        if isinstance(args.validation_split, int) and args.validation_split >= len(dataset):
+            raise ValueError(
+                f"`--validation_split` {args.validation_split} leaves no training images of the {len(dataset)}."
+            )
+        split = dataset.train_test_split(test_size=args.validation_split, seed=args.seed)
+        dataset, validation = split["train"], split["test"]
     if args.max_train_samples is not None:
         dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
-    return dataset, name
+    return dataset, validation, name
 
 
 def as_class_label(dataset: datasets.Dataset, column: str, flag: str) -> datasets.Dataset:
@@ -467,19 +541,33 @@ def ema_pipeline(
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
 class TrainingProgress:
-    """Where training stands; saved in every checkpoint (``accelerator.register_for_checkpointing``)."""
+    """Where training stands; saved in every checkpoint (``accelerator.register_for_checkpointing``).
+
+    With ``--keep_best_metric`` it also records the best value seen and its step, so a resumed run keeps it.
+    """
 
     global_step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
     nonfinite_steps: int = 0
+    best_metric: str | None = None
+    best_value: float | None = None
+    best_step: int | None = None
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | float | str | None]:
         return asdict(self)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int | float | str | None]) -> None:
         for name, value in state.items():
             setattr(self, name, value)
+
+    def improves(self, metric: str, value: float) -> bool:
+        """Whether ``value`` of ``metric`` beats the best recorded value (any finite value beats none)."""
+        if not math.isfinite(value):
+            return False
+        if self.best_metric != metric or self.best_value is None:
+            return True
+        return value > self.best_value if HIGHER_IS_BETTER[metric] else value < self.best_value
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -508,6 +596,16 @@ def fsync_tree(path: str) -> None:
         fsync_folder(root)
 
 
+def replace_folder_atomically(temporary: str, final: str) -> None:
+    """Flush the complete folder ``temporary`` to disk and rename it to ``final``, swapping out an older ``final``."""
+    fsync_tree(temporary)
+    if os.path.exists(final):  # e.g. re-saving a step after resuming from an older checkpoint
+        os.replace(final, final + ".old")
+    os.replace(temporary, final)
+    fsync_folder(os.path.dirname(final))
+    shutil.rmtree(final + ".old", ignore_errors=True)
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
     final = os.path.join(output_dir, f"checkpoint-{step}")
     temporary = os.path.join(output_dir, f".checkpoint-{step}.tmp")
@@ -517,12 +615,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
     accelerator.save_state(temporary)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        fsync_tree(temporary)
-        if os.path.exists(final):  # re-saving a step (after resuming from an older checkpoint): swap it out
-            os.replace(final, final + ".old")
-        os.replace(temporary, final)
-        fsync_folder(output_dir)
-        shutil.rmtree(final + ".old", ignore_errors=True)
+        replace_folder_atomically(temporary, final)
         checkpoints = list_checkpoints(output_dir)
         if total_limit is not None and len(checkpoints) > total_limit:
             for stale in checkpoints[: len(checkpoints) - total_limit]:
@@ -668,7 +761,15 @@ def push_to_hub(args: argparse.Namespace) -> None:
             repo_id=repo_id,
             folder_path=args.output_dir,
             commit_message="End of training",
-            ignore_patterns=["checkpoint-*", ".checkpoint-*", f"{args.logging_dir}/*", "samples/*"],
+            ignore_patterns=[
+                "checkpoint-*",
+                ".checkpoint-*",
+                f"{args.logging_dir}/*",
+                "samples/*",
+                "best/*",
+                ".best.tmp/*",
+                "evaluation/*",
+            ],
             token=args.hub_token,
         )
     except Exception as error:  # no network, no token, no permission: say so, the local copy is complete
@@ -678,6 +779,110 @@ def push_to_hub(args: argparse.Namespace) -> None:
             f"`huggingface_hub.upload_folder(repo_id=..., folder_path={args.output_dir!r})`."
         ) from error
     logger.info(f"Uploaded {args.output_dir} to https://huggingface.co/{repo_id}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Held-out evaluation (--eval_steps): the offline metrics of cdrl_diffusers.evaluation on samples of the EMA pipeline
+# --------------------------------------------------------------------------------------------------------------------
+def image_tensors(
+    rows: datasets.Dataset, args: argparse.Namespace, channels: int, label_column: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows as one batch of images in [-1, 1] (centre crops, no flips) and, with ``label_column``, their labels."""
+    label_columns = [label_column] if label_column else []
+    images = TrainingImages(
+        rows, args.image_column, label_columns, args.resolution, channels, center_crop=True, random_flip=False, seed=0
+    )
+    examples = [images[index] for index in range(len(images))]
+    labels = torch.stack([example["labels"][0] for example in examples]) if label_column else None
+    return torch.stack([example["pixel_values"] for example in examples]), labels
+
+
+def evaluation_label_column(rows: datasets.Dataset, args: argparse.Namespace) -> str | None:
+    """The classes of the evaluation classifier: --label_column, else the first attribute, else any ClassLabel."""
+    if args.label_column:
+        return args.label_column
+    if args.attribute_columns:
+        return args.attribute_columns[0]
+    return next((name for name, feature in rows.features.items() if isinstance(feature, ClassLabel)), None)
+
+
+class HeldOutEvaluator:
+    """Scores samples of a pipeline against the held-out images (see docs/evaluation.md).
+
+    Metrics: the Fréchet distance and KID between the features of ``--eval_num_samples`` samples and of the held-out
+    images and, for class-conditional models, the accuracy of samples generated for each class in turn with guidance
+    weight ``--eval_guidance_scale``. The feature space is the penultimate layer of a small classifier of the data's
+    labels (``train_classifier`` on the training split, seeded and cached in OUTPUT_DIR/evaluation); data without a
+    label column is compared in pixel space. Samples are drawn with the same seed at every evaluation.
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        train_rows: datasets.Dataset,
+        validation_rows: datasets.Dataset,
+        channels: int,
+        device: torch.device,
+    ):
+        self.num_samples, self.batch_size, self.seed = args.eval_num_samples, args.eval_batch_size, args.seed
+        self.class_conditional = args.label_column is not None
+        self.guidance_scale = args.eval_guidance_scale if self.class_conditional else 0.0
+        reference, _ = image_tensors(validation_rows, args, channels)
+        label_column = evaluation_label_column(train_rows, args)
+        num_classes = train_rows.features[label_column].num_classes if label_column else 0
+        self.classifier = None
+        if num_classes < 2 or args.resolution % 4:
+            reason = "no label column" if num_classes < 2 else f"resolution {args.resolution} not divisible by 4"
+            self.features, self.description = torch.nn.Flatten(), f"raw pixels ({reason} for a classifier)"
+        else:
+            if len(train_rows) > CLASSIFIER_MAX_IMAGES:
+                train_rows = train_rows.shuffle(seed=args.seed).select(range(CLASSIFIER_MAX_IMAGES))
+            images, labels = image_tensors(train_rows, args, channels, label_column)
+            cache_dir = os.path.join(args.output_dir, "evaluation")
+            self.classifier = train_classifier(
+                images, labels, num_classes=num_classes, cache_dir=cache_dir, seed=args.seed, epochs=CLASSIFIER_EPOCHS
+            ).to(device)
+            self.features = ClassifierFeatures(self.classifier)
+            self.description = (
+                f"penultimate features of a {label_column!r} classifier trained on {len(images)} training images"
+            )
+        self.reference_features = extract_features(self.features, reference)
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        values = ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+        guidance = f" (guidance w = {self.guidance_scale})" if self.class_conditional else ""
+        return (
+            f"{values}; {self.num_samples} samples{guidance} vs {len(self.reference_features)} held-out images, "
+            f"{self.description}"
+        )
+
+    @torch.no_grad()
+    def __call__(self, pipeline: CDRLPipeline) -> dict[str, float] | None:
+        """The metrics of the pipeline's samples (``None`` when some samples are not finite)."""
+        num_classes = pipeline.energy_model.config.num_class_embeds if self.class_conditional else None
+        labels = None if num_classes is None else torch.arange(self.num_samples) % num_classes
+        generator = torch.Generator(pipeline.device).manual_seed(self.seed)
+        batches = []
+        for start in range(0, self.num_samples, self.batch_size):
+            stop = min(start + self.batch_size, self.num_samples)
+            images = pipeline(
+                batch_size=stop - start,
+                class_labels=None if labels is None else labels[start:stop],
+                guidance_scale=self.guidance_scale,
+                generator=generator,
+                output_type="pt",
+            ).images
+            batches.append(images.float().cpu() * 2 - 1)
+        samples = torch.cat(batches)
+        if not torch.isfinite(samples).all():
+            return None
+        features = extract_features(self.features, samples)
+        kid, kid_std = kernel_distance(self.reference_features, features, seed=self.seed)
+        metrics = {"frechet_distance": frechet_distance(self.reference_features, features), "kid": kid}
+        metrics["kid_std"] = kid_std
+        if labels is not None and self.classifier is not None:
+            metrics["accuracy"] = classifier_accuracy(self.classifier, samples, labels)
+        return metrics
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -716,7 +921,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
 
     # Data
     with accelerator.main_process_first():
-        dataset, dataset_name = load_training_dataset(args)
+        dataset, validation_rows, dataset_name = load_training_dataset(args)
         dataset, conditioning = conditioning_for(dataset, args)
     channels = image_channels(dataset, args.image_column)
     train_images = TrainingImages(
@@ -833,6 +1038,12 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
             for key, value in vars(args).items()
         }
         accelerator.init_trackers("train_cdrl", config=config)
+    evaluator, last_evaluation = None, {}
+    if args.eval_steps is not None and accelerator.is_main_process:
+        logger.info(f"Held out {len(validation_rows)} images for evaluation every {args.eval_steps} steps")
+        with torch.random.fork_rng(devices=[]):  # the evaluation classifier must not move the training RNG
+            evaluator = HeldOutEvaluator(args, dataset, validation_rows, channels, accelerator.device)
+        logger.info(f"Evaluation features: {evaluator.description}")
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
         if checkpoint is None:
@@ -840,10 +1051,15 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
         else:
             logger.info(f"Resuming from {checkpoint}")
             accelerator.load_state(checkpoint)
+            if progress.best_step is not None:
+                best = f"{progress.best_metric} so far: {progress.best_value:.6g} at step {progress.best_step}"
+                logger.info(f"Best {best}")
 
     batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
     logger.info(f"  Examples = {len(dataset)} ({dataset_name}), resolution {args.resolution}, {channels} channel(s)")
+    if validation_rows is not None:
+        logger.info(f"  Held-out examples (never trained on) = {len(validation_rows)}")
     logger.info(f"  Classes = {conditioning.class_names or 'none (unconditional)'}")
     logger.info(
         f"  Batch size per device = {args.train_batch_size}, total (data parallel x accumulation) = {batch_size}"
@@ -858,7 +1074,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
         if conditioning.columns:
             kind = "attributes (compositional)" if conditioning.offsets is not None else "class label"
             conditioning_text = f"{kind}: {', '.join(conditioning.columns)}; label dropout {args.label_dropout}"
-        return {
+        details = {
             "Dataset": f"{dataset_name} ({len(dataset)} images)",
             "Resolution": f"{args.resolution}x{args.resolution}, {channels} channel(s)",
             "Conditioning": conditioning_text,
@@ -878,6 +1094,11 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
             "Training time": f"{(time.time() - start_time) / 60:.1f} min on {accelerator.num_processes} x "
             f"{accelerator.device.type}",
         }
+        if last_evaluation:
+            details[f"Held-out evaluation (step {last_evaluation['step']})"] = last_evaluation["summary"]
+        if progress.best_step is not None:
+            details[f"Best {progress.best_metric}"] = f"{progress.best_value:.6g} at step {progress.best_step}"
+        return details
 
     def sample_and_log(pipeline: CDRLPipeline) -> PIL.Image.Image:
         """A sample grid of ``pipeline``, written to samples/ and to the logger."""
@@ -890,6 +1111,30 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
     def export(pipeline: CDRLPipeline) -> None:
         grid = sample_and_log(pipeline)
         export_pipeline(pipeline, args.output_dir, dataset_name, training_details(), grid, args.hub_model_id)
+
+    def evaluate(pipeline: CDRLPipeline) -> None:
+        """Held-out metrics of ``pipeline``, logged as eval/*; a new best is exported atomically to OUTPUT_DIR/best."""
+        started = time.time()
+        metrics = evaluator(pipeline)
+        if metrics is None:
+            logger.warning(f"Step {progress.global_step}: non-finite evaluation samples, no metrics.")
+            return
+        accelerator.log(
+            {**{f"eval/{name}": value for name, value in metrics.items()}, "eval/seconds": time.time() - started},
+            step=progress.global_step,
+        )
+        last_evaluation.update(step=progress.global_step, summary=evaluator.summary(metrics))
+        logger.info(f"Step {progress.global_step}, held-out evaluation: {last_evaluation['summary']}")
+        metric = args.keep_best_metric
+        if metric is not None and progress.improves(metric, metrics[metric]):
+            progress.best_metric, progress.best_value = metric, metrics[metric]
+            progress.best_step = progress.global_step
+            temporary, best = os.path.join(args.output_dir, ".best.tmp"), os.path.join(args.output_dir, "best")
+            shutil.rmtree(temporary, ignore_errors=True)
+            grid = sample_grid(pipeline, args.eval_batch_size, args.seed)
+            export_pipeline(pipeline, temporary, dataset_name, training_details(), grid, args.hub_model_id)
+            replace_folder_atomically(temporary, best)
+            logger.info(f"New best {metric} {metrics[metric]:.6g}: exported to {best}")
 
     def epoch_batches():
         """The rest of the current epoch, in the epoch's seeded order (skipping what a resumed run already saw)."""
@@ -969,7 +1214,18 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
             logs["train/skipped_step"] = int(not update_is_finite)
             accelerator.log(logs, step=progress.global_step)
 
-            # Periodic actions after the update: checkpoints, sample grids, exported pipelines.
+            # Periodic actions after the update: held-out evaluation (first, so a checkpoint of this step records
+            # its best metric), checkpoints, sample grids, exported pipelines.
+            if args.eval_steps is not None and (
+                progress.global_step % args.eval_steps == 0 or progress.global_step >= max_train_steps
+            ):
+                if accelerator.is_main_process:  # sampling must not move the training RNG
+                    with torch.random.fork_rng(devices=rng_devices, device_type=accelerator.device.type):
+                        pipeline = ema_pipeline(
+                            unwrapped_energy, unwrapped_initializer, ema_energy, ema_initializer, scheduler
+                        )
+                        evaluate(pipeline)
+                accelerator.wait_for_everyone()  # the other processes wait for the main process's evaluation
             if progress.global_step % args.checkpointing_steps == 0 and update_is_finite:
                 save_checkpoint(accelerator, args.output_dir, progress.global_step, args.checkpoints_total_limit)
             sample_now = progress.global_step % args.save_images_steps == 0
@@ -998,7 +1254,9 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
                     )
                 rollbacks += 1
                 logger.warning(f"Rolling back to {checkpoint} with fresh noise ({rollbacks}/{args.max_rollbacks}).")
+                best = (progress.best_metric, progress.best_value, progress.best_step)
                 accelerator.load_state(checkpoint)
+                progress.best_metric, progress.best_value, progress.best_step = best  # best/ may be newer than it
                 generator.manual_seed(training_seed(args.seed, accelerator.process_index, rollbacks))
                 accelerator.log({"train/rollbacks": rollbacks}, step=progress.global_step)
                 progress_bar.n = progress.global_step

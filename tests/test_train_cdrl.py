@@ -6,11 +6,13 @@ import functools
 import glob
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +269,68 @@ def test_repeated_divergence_rolls_back_then_gives_up(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Held-out evaluation: --eval_steps, --validation_split, --keep_best_metric
+# --------------------------------------------------------------------------------------------------------------------
+def test_eval_steps_logs_held_out_metrics_and_keeps_the_best_pipeline_across_a_resume(tmp_path):
+    output_dir = tmp_path / "out"
+    flags = ["--label_column=shape", "--eval_steps=2", "--validation_split=32", "--eval_num_samples=24"]
+    flags += ["--keep_best_metric=frechet_distance", "--checkpointing_steps=2"]
+    first = train(tmp_path, output_dir, *flags, "--max_train_steps=4")
+    assert "Held out 32 images for evaluation every 2 steps" in first.stderr
+    assert "penultimate features of a 'shape' classifier trained on 16 training images" in first.stderr
+    frechet = scalars(output_dir, "eval/frechet_distance")
+    assert sorted(frechet) == [2, 4] and all(value > 0 for value in frechet.values())
+    assert sorted(scalars(output_dir, "eval/kid")) == [2, 4]
+    assert all(0 <= value <= 1 for value in scalars(output_dir, "eval/accuracy").values())
+
+    # The checkpoint of step 4 holds the best value so far; the resumed run keeps it and evaluates step 6.
+    resumed = train(
+        tmp_path, output_dir, *flags, "--max_train_steps=6", "--resume_from_checkpoint=latest", "--logging_dir=logs2"
+    )
+    restored = re.search(r"Best frechet_distance so far: (\S+) at step (\d+)", resumed.stderr)
+    assert restored is not None, resumed.stderr[-2000:]
+    first_best = min(frechet, key=frechet.get)
+    assert int(restored.group(2)) == first_best and float(restored.group(1)) == pytest.approx(frechet[first_best])
+    frechet.update(scalars(output_dir, "eval/frechet_distance", "logs2"))
+    assert sorted(frechet) == [2, 4, 6]
+    best_step = min(frechet, key=frechet.get)
+
+    card = (output_dir / "best" / "README.md").read_text()
+    assert f"Optimisation steps | {best_step} |" in card and f"at step {best_step} |" in card
+    recorded = re.search(r"Best frechet_distance \| (\S+) at step", card)
+    assert float(recorded.group(1)) == pytest.approx(frechet[best_step], rel=1e-5)
+    assert "Held-out evaluation (step 6)" in (output_dir / "README.md").read_text()
+    assert not (output_dir / ".best.tmp").exists()
+    pipe = CDRLPipeline.from_pretrained(output_dir / "best")
+    assert pipe.class_names == ["circle", "square", "triangle"]
+    images = pipe(batch_size=2, class_labels=["square"], guidance_scale=1.0, output_type="np").images
+    assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
+
+
+def test_validation_split_is_held_out_of_the_training_data():
+    script = load_script()
+    from cdrl_diffusers.data import load_shapes_dataset
+
+    def rows(dataset):
+        return Counter(
+            np.asarray(row["image"]).tobytes() + bytes([row["shape"], row["color"], row["size"]]) for row in dataset
+        )
+
+    train_rows, validation_rows, name = script.load_training_dataset(
+        script.parse_args(["--resolution=8", "--eval_steps=10"])  # the default split: 10 % of the default data
+    )
+    full = load_shapes_dataset(resolution=8, seed=0)
+    assert name == "cdrl-shapes" and len(validation_rows) == round(0.1 * len(full))
+    assert rows(train_rows) + rows(validation_rows) == rows(full)  # a partition of the rows
+
+    subset, same_validation, _ = script.load_training_dataset(
+        script.parse_args(["--resolution=8", "--validation_split=410", "--max_train_samples=64"])
+    )
+    assert len(subset) == 64 and rows(subset) <= rows(train_rows)  # subsets come from the training part only
+    assert rows(same_validation) == rows(validation_rows)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Data parallel on CPU: torchrun, gloo
 # --------------------------------------------------------------------------------------------------------------------
 WRAPPER = """
@@ -294,6 +358,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper)]
     command += [f"--output_dir={output_dir}", *TINY, "--embedded_dataset=digits", "--label_column=label"]
     command += ["--resolution=16", "--max_train_steps=4", "--checkpointing_steps=2"]
+    command += ["--eval_steps=4", "--validation_split=20", "--eval_num_samples=10"]  # only rank 0 evaluates
     result = subprocess.run(command, capture_output=True, text=True, env=environment(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "MULTI_CPU" in result.stderr
@@ -305,6 +370,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     epoch = 2 * 4  # 16 images, 2 processes x batch 4: two batches per process and epoch
     assert set(first[:epoch]).isdisjoint(second[:epoch])  # each process sees its own shard
     assert (output_dir / "checkpoint-4" / "generator_1.pt").exists()
+    assert sorted(scalars(output_dir, "eval/accuracy")) == [4]
     pipe = CDRLPipeline.from_pretrained(output_dir)  # the embedded digits: 1 channel, class names "0".."9"
     assert pipe.sample_shape == (1, 16, 16) and pipe.class_names == [str(digit) for digit in range(10)]
 
@@ -336,6 +402,12 @@ def test_bad_flags_give_clear_errors():
         script.parse_args(["--train_batch_size=0"])
     with pytest.raises(ValueError, match="--label_dropout"):
         script.parse_args(["--label_dropout=1.5"])
+    with pytest.raises(ValueError, match="--validation_split"):
+        script.parse_args(["--validation_split=1.5"])
+    with pytest.raises(ValueError, match="needs `--eval_steps`"):
+        script.parse_args(["--keep_best_metric=kid"])
+    with pytest.raises(ValueError, match="class-conditional"):
+        script.parse_args(["--eval_steps=5", "--keep_best_metric=accuracy"])
 
 
 def test_training_images_are_seeded_by_epoch_and_row():

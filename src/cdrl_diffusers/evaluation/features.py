@@ -97,7 +97,10 @@ def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -
             f"`real_features` and `fake_features` must have the same width, got {real_features.shape[1]} and "
             f"{fake_features.shape[1]}."
         )
-    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(real_features.shape[1]), normalize=True)
+    # The features are this process's own: no all-gather across processes (one rank alone may be evaluating).
+    metric = FrechetInceptionDistance(
+        feature=PrecomputedFeatures(real_features.shape[1]), normalize=True, sync_on_compute=False
+    )
     metric.update(real_features.double(), real=True)
     metric.update(fake_features.double(), real=False)
     return float(metric.compute())
@@ -138,6 +141,7 @@ def kernel_distance(
             subsets=subsets,
             subset_size=subset_size,
             normalize=True,
+            sync_on_compute=False,  # the features are this process's own, as in `frechet_distance`
         )
     metric.update(real_features.double(), real=True)
     metric.update(fake_features.double(), real=False)
