@@ -29,6 +29,7 @@ import torch
 from diffusers.utils import make_image_grid
 
 from cdrl_diffusers import CDRLComposePipeline
+from cdrl_diffusers.validation import cli_device, cli_non_negative_float, cli_positive_int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,14 +43,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Comma-separated class names per row, '!' negates; default: every pair of values of the first two "
         "attributes (class names like 'shape=circle').",
     )
-    parser.add_argument("--guidance_scales", type=float, nargs="+", default=[0.0, 1.0, 3.0], help="Values of w.")
-    parser.add_argument("--num_samples", type=int, default=8, help="Columns of each grid.")
+    parser.add_argument(
+        "--guidance_scales", type=cli_non_negative_float, nargs="+", default=[0.0, 1.0, 3.0], help="Values of w."
+    )
+    parser.add_argument("--num_samples", type=cli_positive_int, default=8, help="Columns of each grid.")
     parser.add_argument("--product_of_experts", action="store_true", help="The baseline without the negative term.")
     parser.add_argument("--compose_initializer", action="store_true", help="Compose a conditional initializer too.")
-    parser.add_argument("--num_langevin_steps", type=int, default=None, help="K' (default: the trained K).")
+    parser.add_argument(
+        "--num_langevin_steps", type=cli_positive_int, default=None, help="K' (default: the trained K)."
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--upscale", type=int, default=4, help="Nearest-neighbour zoom of the grids.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--upscale", type=cli_positive_int, default=4, help="Nearest-neighbour zoom of the grids.")
+    parser.add_argument("--device", type=cli_device, default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
 

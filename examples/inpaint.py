@@ -22,6 +22,7 @@ from diffusers.utils import make_image_grid
 
 from cdrl_diffusers import CDRLInpaintPipeline
 from cdrl_diffusers.data import load_digits_dataset, load_shapes_dataset
+from cdrl_diffusers.validation import cli_device, cli_non_negative_float, cli_positive_int
 
 MASKS = ("square", "half", "irregular")
 
@@ -32,8 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="outputs/inpaint", help="Where the grid and masks are written.")
     parser.add_argument("--embedded_dataset", choices=["shapes", "digits"], default="shapes")
     parser.add_argument("--image_dir", default=None, help="A folder of images to inpaint instead.")
-    parser.add_argument("--num_images", type=int, default=6, help="Rows of the grid.")
-    parser.add_argument("--num_seeds", type=int, default=4, help="Inpaintings per image.")
+    parser.add_argument("--num_images", type=cli_positive_int, default=6, help="Rows of the grid.")
+    parser.add_argument("--num_seeds", type=cli_positive_int, default=4, help="Inpaintings per image.")
     parser.add_argument(
         "--mask",
         choices=MASKS,
@@ -41,11 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="square: the centre square of half the side; half: the right half; irregular: random brush strokes.",
     )
     parser.add_argument("--class_label", default=None, help="Class name or id for a class-conditional model.")
-    parser.add_argument("--guidance_scale", type=float, default=0.0, help="Classifier-free guidance w (Eq. 11-12).")
-    parser.add_argument("--num_langevin_steps", type=int, default=None, help="K' (default: the trained K).")
+    parser.add_argument(
+        "--guidance_scale", type=cli_non_negative_float, default=0.0, help="Classifier-free guidance w (Eq. 11-12)."
+    )
+    parser.add_argument(
+        "--num_langevin_steps", type=cli_positive_int, default=None, help="K' (default: the trained K)."
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--upscale", type=int, default=4, help="Nearest-neighbour zoom of the grid.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--upscale", type=cli_positive_int, default=4, help="Nearest-neighbour zoom of the grid.")
+    parser.add_argument("--device", type=cli_device, default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
 

@@ -24,6 +24,7 @@ import torch
 from cdrl_diffusers import CDRLPipeline
 from cdrl_diffusers.data import load_digits_dataset, load_shapes_dataset
 from cdrl_diffusers.evaluation import OOD_SHIFTS, ood_auroc, shift_images
+from cdrl_diffusers.validation import cli_device, cli_non_negative_int, cli_positive_int
 
 SHIFT_NAMES = {
     "uniform": "uniform noise",
@@ -39,12 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embedded_dataset", choices=["shapes", "digits"], default="shapes")
     parser.add_argument("--image_dir", default=None, help="In-distribution test images (instead of embedded data).")
     parser.add_argument("--other_image_dir", default=None, help="A different dataset (default: the other embedded).")
-    parser.add_argument("--num_images", type=int, default=512, help="Images per set.")
-    parser.add_argument("--noise_level", type=int, default=0, help="The EBM that scores (0: the paper's choice).")
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_images", type=cli_positive_int, default=512, help="Images per set.")
+    parser.add_argument(
+        "--noise_level", type=cli_non_negative_int, default=0, help="The EBM that scores (0: the paper's choice)."
+    )
+    parser.add_argument("--batch_size", type=cli_positive_int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", default="outputs/ood/auroc.json")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=cli_device, default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
 

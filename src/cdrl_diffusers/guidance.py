@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .validation import check_number
+
 
 @dataclass(frozen=True)
 class ConditionWeights:
@@ -33,6 +35,15 @@ class ConditionWeights:
             raise ValueError(
                 f"Got {len(self.class_labels)} label tensors for {len(self.weights)} weights; pass one per term."
             )
+        for labels in self.class_labels:
+            if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+                kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise TypeError(f"`class_labels` must be integer tensors of shape (batch,), got {kind}.")
+            if labels.ndim != 1:
+                raise ValueError(f"`class_labels` must have shape (batch,), got {tuple(labels.shape)}.")
+        for weight in self.weights:
+            check_number(weight, "weights")
+        check_number(self.unconditional_weight, "unconditional_weight")
 
     @classmethod
     def unconditional(cls) -> ConditionWeights:
@@ -50,6 +61,7 @@ class ConditionWeights:
 
         ``guidance_scale`` is the paper's w; w = 0 gives the conditional model.
         """
+        guidance_scale = check_number(guidance_scale, "guidance_scale", minimum=0.0)
         return cls((class_labels,), (1.0 + guidance_scale,), -guidance_scale)
 
     @classmethod
@@ -70,6 +82,7 @@ class ConditionWeights:
         """
         if len(concept_labels) == 0:
             raise ValueError("`concepts` must name at least one concept.")
+        guidance_scale = check_number(guidance_scale, "guidance_scale", minimum=0.0)
         if concept_weights is None:
             concept_weights = [1.0 + guidance_scale] * len(concept_labels)
         elif len(concept_weights) != len(concept_labels):

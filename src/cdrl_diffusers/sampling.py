@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from .guidance import ConditionWeights, StackedTerms, null_label_of, weighted_model_output
 from .models.embeddings import ConditionEmbedding
 from .schedulers.scheduling_cdrl import CDRLScheduler, Timestep
+from .validation import as_device, check_finite, check_float_tensor, check_generator, check_positive_int
 
 Projection = Callable[[torch.Tensor, int], torch.Tensor]
 # (sample, logsnr) -> (f_hat of shape (batch,), grad_y f_hat in float32)
@@ -291,6 +292,12 @@ class CDRLSampler:
             raise ValueError(f"`num_langevin_steps` must be a non-negative integer, got {num_langevin_steps!r}.")
         if num_langevin_steps == 0 and not use_initializer:
             raise ValueError("With `use_initializer=False`, `num_langevin_steps` must be at least 1.")
+        check_positive_int(batch_size, "batch_size")
+        check_generator(generator)
+        for name, weights in (("energy_weights", energy_weights), ("initializer_weights", initializer_weights)):
+            if not isinstance(weights, ConditionWeights):
+                raise TypeError(f"`{name}` must be a ConditionWeights, got {type(weights).__name__}.")
+        device = as_device(device)
         precision_context(precision, device)  # validates `precision`
         if cuda_graph and torch.device(device).type != "cuda":
             raise ValueError(f"`cuda_graph=True` needs a CUDA device, got {device}.")
@@ -303,7 +310,8 @@ class CDRLSampler:
         self.generator = generator
         self.project = project
         self.use_initializer = use_initializer
-        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.device = device
         self.precision = precision
         self.torch_compile = torch_compile
         self.cuda_graph = cuda_graph
@@ -381,6 +389,12 @@ class CDRLSampler:
         ``callback(index, level_sample)`` runs after each level; a tensor it returns replaces x_t. The models stay
         frozen for the whole call, so spectral-norm weights are computed once per call, not once per level.
         """
+        check_float_tensor(latents, "latents")
+        if latents.ndim < 2 or latents.shape[0] != self.batch_size:
+            raise ValueError(
+                f"`latents` must hold `batch_size` = {self.batch_size} samples, got shape {tuple(latents.shape)}."
+            )
+        check_finite(latents, "latents")
         sample = latents
         with self._evaluating(self.energy_model, self.initializer):
             self._gradient = self._energy_gradient(latents)

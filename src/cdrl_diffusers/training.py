@@ -16,6 +16,7 @@ from torch import nn
 from .guidance import ConditionWeights, null_label_of
 from .sampling import frozen, langevin_refine, precision_context
 from .schedulers.scheduling_cdrl import CDRLScheduler
+from .validation import check_generator, check_probability
 
 LEVEL_METRICS = (
     "ebm_loss",
@@ -76,8 +77,7 @@ def drop_labels(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Replace each label by the null class with ``probability`` (classifier-free guidance training, Sec. 3.5)."""
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"`probability` must lie in [0, 1], got {probability}.")
+    check_probability(probability, "probability")
     keep = torch.rand(class_labels.shape, generator=generator, device=generator.device if generator else "cpu")
     keep = keep.to(class_labels.device) >= probability
     return torch.where(keep, class_labels, torch.full_like(class_labels, null_label))
@@ -137,6 +137,8 @@ def cdrl_training_step(
         raise ValueError(
             f"`clean_samples` must be a non-empty batch (batch, ...), got shape {tuple(clean_samples.shape)}."
         )
+    check_probability(label_dropout, "label_dropout")
+    check_generator(generator)
     batch, device, num_levels = clean_samples.shape[0], clean_samples.device, scheduler.num_noise_levels
     sampling_energy_model = _unwrap(energy_model)
     energy_null = null_label_of(sampling_energy_model)
@@ -144,7 +146,10 @@ def cdrl_training_step(
     if class_labels is not None:
         if energy_null is None and initializer_null is None:
             raise ValueError("`class_labels` were given, but both models are unconditional.")
-        class_labels = torch.as_tensor(class_labels, device=device).long()
+        class_labels = torch.as_tensor(class_labels, device=device)
+        if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
+            raise TypeError(f"`class_labels` must be integers, got dtype {class_labels.dtype}.")
+        class_labels = class_labels.long()
         null = energy_null if energy_null is not None else initializer_null
         if class_labels.shape != (batch,) or int(class_labels.min()) < 0 or int(class_labels.max()) >= null:
             raise ValueError(f"`class_labels` must have shape ({batch},) and values in [0, {null - 1}].")

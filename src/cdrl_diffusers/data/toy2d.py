@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from ..validation import check_number
+
 TOY_DATASETS = ("checkerboard", "8gaussians", "2spirals")
 
 # Lower-left corners (x, y) of the eight black unit squares of the 4x4 board on [-2, 2]^2: floor(x) + floor(y) odd.
@@ -27,7 +29,7 @@ TOY_BOUND = 2.0
 def _check_request(num_samples: int, scale: float) -> None:
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
-    if not scale > 0:
+    if not check_number(scale, "scale") > 0:
         raise ValueError(f"`scale` must be positive, got {scale!r}.")
 
 

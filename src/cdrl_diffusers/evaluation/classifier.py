@@ -300,6 +300,7 @@ def score_samples(
     else:
         sample_labels = _check_labels(sample_labels, samples.shape[0], "sample_labels")
         accuracy = classifier_accuracy(classifier, samples, sample_labels, batch_size)
+    _check_images(reference_images, "reference_images")
     reference_labels = _check_labels(reference_labels, reference_images.shape[0], "reference_labels")
     extractor = ClassifierFeatures(classifier)
     reference_features = extract_features(extractor, reference_images, batch_size)

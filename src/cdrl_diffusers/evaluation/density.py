@@ -17,6 +17,7 @@ from torch import nn
 from ..data.toy2d import toy_support
 from ..sampling import frozen
 from ..schedulers.scheduling_cdrl import CDRLScheduler
+from ..validation import check_finite
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def energy_log_density(
     """
     if not isinstance(points, torch.Tensor) or not points.is_floating_point() or points.ndim != 2:
         raise TypeError("`points` must be a floating-point tensor of shape (N, D).")
+    check_finite(points, "points")
     if isinstance(noise_level, bool) or not isinstance(noise_level, int):
         raise TypeError(f"`noise_level` must be an int, got {type(noise_level).__name__}.")
     if not 0 <= noise_level < scheduler.num_noise_levels:

@@ -21,6 +21,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from ..sampling import frozen
+from ..validation import check_finite
 
 
 class PrecomputedFeatures(nn.Module):
@@ -45,6 +46,7 @@ def _check_images(images: torch.Tensor, name: str) -> None:
         raise TypeError(f"`{name}` must be a floating-point torch.Tensor of images in [-1, 1].")
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"`{name}` must have shape (batch, channels, height, width), got {tuple(images.shape)}.")
+    check_finite(images, name)
 
 
 def _check_features(features: torch.Tensor, name: str, minimum: int = 2) -> None:
@@ -188,6 +190,8 @@ def feature_distances(
     classifier's features (``ClassifierFeatures``) it is a Fréchet *classifier* distance, meaningful for comparisons
     that share the classifier and sample sizes.
     """
+    _check_images(real_images, "real_images")
+    _check_images(fake_images, "fake_images")
     real = extract_features(feature_extractor, real_images, batch_size)
     fake = extract_features(feature_extractor, fake_images, batch_size)
     kid_mean, kid_std = kernel_distance(real, fake, kid_subsets, kid_subset_size, seed)

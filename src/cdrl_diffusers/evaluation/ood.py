@@ -8,13 +8,18 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from ..validation import check_float_tensor
+
 Scores = torch.Tensor | np.ndarray | Sequence[float]
 
 
 def _as_scores(scores: Scores, name: str) -> np.ndarray:
     if isinstance(scores, torch.Tensor):
         scores = scores.detach().cpu().double().numpy()
-    array = np.asarray(scores, dtype=np.float64)
+    try:
+        array = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"`{name}` must be numbers (a tensor, an array or a list of floats): {error}.") from error
     if array.ndim != 1 or array.size == 0:
         raise ValueError(f"`{name}` must be a non-empty one-dimensional array of scores, got shape {array.shape}.")
     if not np.isfinite(array).all():
@@ -54,9 +59,9 @@ def shift_images(images: torch.Tensor, shift: str, generator: torch.Generator | 
         shift: one of ``OOD_SHIFTS``.
         generator: makes the random shifts reproducible.
     """
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"`images` must be a non-empty tensor of shape (batch, C, H, W), got {got}.")
+    check_float_tensor(images, "images")
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"`images` must be a non-empty tensor of shape (batch, C, H, W), got {tuple(images.shape)}.")
     if shift not in OOD_SHIFTS:
         raise ValueError(f"`shift` must be one of {OOD_SHIFTS}, got {shift!r}.")
     device = generator.device if generator is not None else images.device

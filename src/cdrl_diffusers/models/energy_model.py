@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..hub import SafeLoadingMixin
+from ..validation import check_channels, check_positive_int, check_positive_ints, check_sample
 from .embeddings import ConditionEmbedding, maybe_spectral_norm, prepare_condition
 
 
@@ -30,10 +31,11 @@ class EnergyModelOutput(BaseOutput):
 
 def validate_class_names(class_names: list[str] | None, num_class_embeds: int | None) -> None:
     """Class names, when given, name every class of a conditional model exactly once."""
-    if num_class_embeds is not None and (isinstance(num_class_embeds, bool) or num_class_embeds < 1):
-        raise ValueError(f"`num_class_embeds` must be a positive integer or None, got {num_class_embeds!r}.")
+    check_positive_int(num_class_embeds, "num_class_embeds", allow_none=True)
     if class_names is None:
         return
+    if not isinstance(class_names, (list, tuple)) or not all(isinstance(name, str) for name in class_names):
+        raise TypeError(f"`class_names` must be a list of strings, got {class_names!r}.")
     if num_class_embeds is None or len(class_names) != num_class_embeds:
         raise ValueError(
             f"`class_names` must name each of the `num_class_embeds` ({num_class_embeds}) classes, "
@@ -150,8 +152,13 @@ class EnergyModel(SafeLoadingMixin, ModelMixin, ConfigMixin):
         use_spectral_norm: bool = True,
     ):
         super().__init__()
-        if len(block_out_channels) < 1 or layers_per_block < 1:
-            raise ValueError("`block_out_channels` must not be empty and `layers_per_block` must be at least 1.")
+        check_positive_ints(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            layers_per_block=layers_per_block,
+            embedding_dim=embedding_dim,
+        )
+        check_channels(block_out_channels)
         downsampling = 2 ** (len(block_out_channels) - 1)
         if sample_size % downsampling:
             raise ValueError(
@@ -223,12 +230,5 @@ class EnergyModel(SafeLoadingMixin, ModelMixin, ConfigMixin):
         return [block.embedding_bias(embedding) for block in self.blocks], self.readout(embedding)
 
     def _check_sample(self, sample: torch.Tensor) -> None:
-        if not isinstance(sample, torch.Tensor):
-            raise TypeError(f"`sample` must be a torch.Tensor, got {type(sample).__name__}.")
-        if not sample.is_floating_point():
-            raise TypeError(f"`sample` must be a floating-point tensor, got dtype {sample.dtype}.")
-        size, channels = self.config.sample_size, self.config.in_channels
-        if sample.ndim != 4 or sample.shape[1] != channels or tuple(sample.shape[2:]) != (size, size):
-            raise ValueError(
-                f"`sample` must have shape (batch, {channels}, {size}, {size}), got {tuple(sample.shape)}."
-            )
+        size = self.config.sample_size
+        check_sample(sample, (self.config.in_channels, size, size))

@@ -11,6 +11,7 @@ from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.utils import BaseOutput
 
 from ..hub import SafeLoadingMixin
+from ..validation import check_channels, check_positive_int, check_positive_ints, check_sample
 from .embeddings import prepare_condition
 
 
@@ -60,6 +61,14 @@ class InitializerUNet(SafeLoadingMixin, ModelMixin, ConfigMixin):
         num_class_embeds: int | None = None,
     ):
         super().__init__()
+        check_positive_ints(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+        )
+        check_channels(block_out_channels)
+        check_positive_int(num_class_embeds, "num_class_embeds", allow_none=True)
         if any(channels % norm_num_groups for channels in block_out_channels):
             raise ValueError(
                 f"`norm_num_groups` ({norm_num_groups}) must divide every entry of `block_out_channels` "
@@ -71,8 +80,6 @@ class InitializerUNet(SafeLoadingMixin, ModelMixin, ConfigMixin):
                 f"`sample_size` ({sample_size}) must be divisible by {downsampling} for {len(block_out_channels)} "
                 "resolutions."
             )
-        if num_class_embeds is not None and (isinstance(num_class_embeds, bool) or num_class_embeds < 1):
-            raise ValueError(f"`num_class_embeds` must be a positive integer or None, got {num_class_embeds!r}.")
         resolutions = [sample_size // 2**level for level in range(len(block_out_channels))]
         with_attention = [resolution in attention_resolutions for resolution in resolutions]
         self.unet = UNet2DModel(
@@ -106,13 +113,8 @@ class InitializerUNet(SafeLoadingMixin, ModelMixin, ConfigMixin):
             class_labels: integer labels of shape (batch,) for conditional models; ``None`` is the null class.
             return_dict: return an ``InitializerOutput`` rather than a tuple.
         """
-        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
-            raise TypeError("`sample` must be a floating-point torch.Tensor.")
-        size, channels = self.config.sample_size, self.config.in_channels
-        if sample.ndim != 4 or sample.shape[1] != channels or tuple(sample.shape[2:]) != (size, size):
-            raise ValueError(
-                f"`sample` must have shape (batch, {channels}, {size}, {size}), got {tuple(sample.shape)}."
-            )
+        size = self.config.sample_size
+        check_sample(sample, (self.config.in_channels, size, size))
         num_class_embeds = self.config.num_class_embeds
         logsnr, class_labels = prepare_condition(sample, logsnr, class_labels, num_class_embeds)
         if num_class_embeds is not None and class_labels is None:

@@ -9,6 +9,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..hub import SafeLoadingMixin
+from ..validation import check_positive_int, check_positive_ints, check_sample
 from .embeddings import ConditionEmbedding, maybe_spectral_norm, prepare_condition
 from .energy_model import EnergyModelOutput, validate_class_names
 from .initializer_unet import InitializerOutput
@@ -20,13 +21,6 @@ def _activation(name: str, negative_slope: float) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"`act_fn` must be one of {ACTIVATIONS}, got {name!r}.")
     return nn.LeakyReLU(negative_slope) if name == "leaky_relu" else nn.SiLU()
-
-
-def _check_vectors(sample: torch.Tensor, data_dim: int) -> None:
-    if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
-        raise TypeError("`sample` must be a floating-point torch.Tensor.")
-    if sample.ndim != 2 or sample.shape[1] != data_dim:
-        raise ValueError(f"`sample` must have shape (batch, {data_dim}), got {tuple(sample.shape)}.")
 
 
 class EnergyResidualLayer(nn.Module):
@@ -80,8 +74,9 @@ class EnergyMLP(SafeLoadingMixin, ModelMixin, ConfigMixin):
     ):
         super().__init__()
         validate_class_names(class_names, num_class_embeds)
-        if data_dim < 1 or hidden_dim < 1 or num_layers < 1:
-            raise ValueError("`data_dim`, `hidden_dim` and `num_layers` must be positive.")
+        check_positive_ints(
+            data_dim=data_dim, hidden_dim=hidden_dim, num_layers=num_layers, embedding_dim=embedding_dim
+        )
         self.act = _activation(act_fn, negative_slope)
         self.embedding = ConditionEmbedding(
             hidden_dim, embedding_dim, num_class_embeds, negative_slope, use_spectral_norm
@@ -100,7 +95,7 @@ class EnergyMLP(SafeLoadingMixin, ModelMixin, ConfigMixin):
         return_dict: bool = True,
     ) -> EnergyModelOutput | tuple[torch.Tensor]:
         """f_hat(sample; logsnr, class) for ``sample`` of shape (batch, data_dim); see ``EnergyModel.forward``."""
-        _check_vectors(sample, self.config.data_dim)
+        check_sample(sample, (self.config.data_dim,))
         logsnr, class_labels = prepare_condition(sample, logsnr, class_labels, self.config.num_class_embeds)
         embedding = self.act(self.embedding(logsnr, class_labels))
         hidden = self.linear_in(sample)
@@ -128,10 +123,8 @@ class InitializerMLP(SafeLoadingMixin, ModelMixin, ConfigMixin):
         self, data_dim: int = 2, hidden_dim: int = 256, num_layers: int = 3, num_class_embeds: int | None = None
     ):
         super().__init__()
-        if data_dim < 1 or hidden_dim < 1 or num_layers < 1:
-            raise ValueError("`data_dim`, `hidden_dim` and `num_layers` must be positive.")
-        if num_class_embeds is not None and (isinstance(num_class_embeds, bool) or num_class_embeds < 1):
-            raise ValueError(f"`num_class_embeds` must be a positive integer or None, got {num_class_embeds!r}.")
+        check_positive_ints(data_dim=data_dim, hidden_dim=hidden_dim, num_layers=num_layers)
+        check_positive_int(num_class_embeds, "num_class_embeds", allow_none=True)
         self.sinusoidal = Timesteps(hidden_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(hidden_dim, hidden_dim)
         self.class_embedding = None
@@ -152,7 +145,7 @@ class InitializerMLP(SafeLoadingMixin, ModelMixin, ConfigMixin):
         return_dict: bool = True,
     ) -> InitializerOutput | tuple[torch.Tensor]:
         """g_phi(sample; logsnr, class) for ``sample`` of shape (batch, data_dim)."""
-        _check_vectors(sample, self.config.data_dim)
+        check_sample(sample, (self.config.data_dim,))
         num_class_embeds = self.config.num_class_embeds
         logsnr, class_labels = prepare_condition(sample, logsnr, class_labels, num_class_embeds)
         embedding = self.time_embedding(self.sinusoidal(logsnr).to(sample.dtype))

@@ -23,6 +23,7 @@ from ..models.energy_model import EnergyModel
 from ..models.initializer_unet import InitializerUNet
 from ..sampling import CDRLSampler, LevelSample, frozen
 from ..schedulers.scheduling_cdrl import CDRLScheduler
+from ..validation import check_finite, check_float_tensor, check_generator, check_positive_int
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 ClassLabels = int | str | Sequence[int | str] | torch.Tensor | np.ndarray
@@ -59,23 +60,28 @@ class CDRLPipeline(DiffusionPipeline):
     def class_names(self) -> list[str] | None:
         return self.energy_model.config.class_names
 
-    def class_id(self, label: int | str) -> int:
-        """The class index of ``label`` (an index or one of the model's ``class_names``), validated."""
+    def class_id(self, label: int | str, name: str = "class_labels") -> int:
+        """The class index of ``label`` (an index or one of the model's ``class_names``), validated.
+
+        ``name`` is the argument the label came from, for the error messages.
+        """
         num_classes = self.energy_model.config.num_class_embeds
         if num_classes is None:
-            raise ValueError("This model is unconditional: it accepts no class labels or concepts.")
+            raise ValueError(
+                f"`{name}` given, but this model is unconditional: it accepts no class labels or concepts."
+            )
         if isinstance(label, str):
             if not self.class_names or label not in self.class_names:
                 known = (
                     f"one of {self.class_names}" if self.class_names else "an integer (the model has no class names)"
                 )
-                raise ValueError(f"Unknown class name {label!r}: expected {known}.")
+                raise ValueError(f"Unknown class name {label!r} in `{name}`: expected {known}.")
             return self.class_names.index(label)
         if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
-            raise TypeError(f"A class label must be an int or a class name, got {type(label).__name__}.")
+            raise TypeError(f"A class label in `{name}` must be an int or a class name, got {type(label).__name__}.")
         if not 0 <= int(label) < num_classes:
             raise ValueError(
-                f"Class label {int(label)} is out of range: expected an integer in [0, {num_classes - 1}]."
+                f"Class label {int(label)} in `{name}` is out of range: expected an integer in [0, {num_classes - 1}]."
             )
         return int(label)
 
@@ -120,10 +126,7 @@ class CDRLPipeline(DiffusionPipeline):
 
     @staticmethod
     def _check_count(value: Any, name: str, allow_none: bool = False) -> None:
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        check_positive_int(value, name, allow_none=allow_none)
 
     def _check_sampling_arguments(
         self,
@@ -163,13 +166,18 @@ class CDRLPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """x_T ~ N(0, I), or the given ``latents`` after a shape check."""
         shape = (batch_size, *self.sample_shape)
+        check_generator(generator)
         if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size}: pass one per sample.")
+            raise ValueError(
+                f"Got {len(generator)} generators in `generator` for a batch of {batch_size}: pass one per sample."
+            )
         if latents is None:
             return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"`latents` must be a tensor of shape {shape}, got {got}.")
+        check_float_tensor(latents, "latents")
+        check_finite(latents, "latents")
         return latents.to(device=device, dtype=torch.float32)
 
     def _initializer_weights(self, energy_weights: ConditionWeights) -> ConditionWeights:
@@ -186,6 +194,8 @@ class CDRLPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str],
     ) -> torch.Tensor:
         """Run every level with a progress bar and the step-end callbacks, then the Tweedie step."""
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"`callback_on_step_end` must be callable, got {type(callback_on_step_end).__name__}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         with self.progress_bar(total=len(self.scheduler.timesteps)) as progress_bar:
@@ -229,6 +239,14 @@ class CDRLPipeline(DiffusionPipeline):
             if not all(isinstance(item, valid) for item in items):
                 kinds = sorted({type(item).__name__ for item in items})
                 raise TypeError(f"`{name}` must be PIL images, numpy arrays or tensors, got {', '.join(kinds)}.")
+            for item in items:
+                if isinstance(item, np.ndarray) and not np.issubdtype(item.dtype, np.floating):
+                    raise TypeError(
+                        f"`{name}` numpy arrays must be floats in [0, 1], got dtype {item.dtype} (divide 8-bit images "
+                        "by 255)."
+                    )
+                if isinstance(item, np.ndarray) and item.size and not (item.min() >= 0 and item.max() <= 1):
+                    raise ValueError(f"`{name}` numpy arrays must lie in [0, 1], got [{item.min()}, {item.max()}].")
             if isinstance(items[0], PIL.Image.Image):
                 mode = "L" if self.sample_shape[0] == 1 else "RGB"
                 images = [item.convert(mode) for item in items]

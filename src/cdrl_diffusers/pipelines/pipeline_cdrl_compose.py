@@ -37,7 +37,7 @@ class CDRLComposePipeline(CDRLPipeline):
             concepts = [concepts]
         if len(concepts) == 0:
             raise ValueError("`concepts` must name at least one concept (a class id or class name).")
-        ids = [self.class_id(concept) for concept in concepts]
+        ids = [self.class_id(concept, "concepts") for concept in concepts]
         if len(set(ids)) != len(ids):
             raise ValueError(f"`concepts` must not repeat a concept, got {list(concepts)}; use `concept_weights`.")
         return ids
@@ -99,7 +99,9 @@ class CDRLComposePipeline(CDRLPipeline):
             compose_initializer: combine the initializer's means by the same weights (they then sum to one,
                 ``ConditionWeights.for_initializer``); needs a class-conditional initializer. By default the
                 initializer is unconditional, as in the paper.
-            precision, torch_compile, cuda_graph: how the networks are evaluated, as in ``CDRLPipeline.__call__``.
+            precision: autocast dtype of the networks, as in ``CDRLPipeline.__call__``.
+            torch_compile: run the EBM through a compiled copy, as in ``CDRLPipeline.__call__``.
+            cuda_graph: replay the EBM's forward and input gradient from a CUDA graph (CUDA only).
         """
         self._check_count(batch_size, "batch_size")
         self._check_sampling_arguments(

@@ -55,7 +55,9 @@ class CDRLInpaintPipeline(CDRLPipeline):
                 arrays.append(item)
                 continue
             item = item.float() if isinstance(item, torch.Tensor) else item.astype(np.float32)
-            if item.size and (item.min() < 0 or item.max() > 1):
+            if (item.numel() if isinstance(item, torch.Tensor) else item.size) == 0:
+                raise ValueError("`mask_image` must not be empty.")
+            if not (item.min() >= 0 and item.max() <= 1):  # also rejects NaN
                 raise ValueError(
                     f"`mask_image` values must lie in [0, 1] (1 = generate, 0 = keep), got [{item.min()}, "
                     f"{item.max()}]."
@@ -118,7 +120,9 @@ class CDRLInpaintPipeline(CDRLPipeline):
             callback_on_step_end: called after each noise level as ``callback(pipe, index, t, callback_kwargs)``;
                 a returned ``"latents"`` replaces x_t.
             callback_on_step_end_tensor_inputs: tensors passed in ``callback_kwargs`` (only ``"latents"``).
-            precision, torch_compile, cuda_graph: how the networks are evaluated, as in ``CDRLPipeline.__call__``.
+            precision: autocast dtype of the networks, as in ``CDRLPipeline.__call__``.
+            torch_compile: run the EBM through a compiled copy, as in ``CDRLPipeline.__call__``.
+            cuda_graph: replay the EBM's forward and input gradient from a CUDA graph (CUDA only).
         """
         self._check_sampling_arguments(
             guidance_scale, num_langevin_steps, output_type, callback_on_step_end_tensor_inputs

@@ -14,6 +14,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ..validation import as_device, check_float_tensor, check_number, check_positive_int, check_same_shape
+
 Timestep = int | torch.Tensor
 
 
@@ -117,19 +119,21 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         tweedie_coefficient: float = 2.0,
         clip_sample: bool = True,
     ):
-        if not isinstance(num_noise_levels, int) or num_noise_levels < 1:
-            raise ValueError(f"`num_noise_levels` must be a positive integer, got {num_noise_levels!r}.")
+        check_positive_int(num_noise_levels, "num_noise_levels")
+        logsnr_max, logsnr_min = check_number(logsnr_max, "logsnr_max"), check_number(logsnr_min, "logsnr_min")
         if not logsnr_max > logsnr_min:
             raise ValueError(f"`logsnr_max` ({logsnr_max}) must be larger than `logsnr_min` ({logsnr_min}).")
-        if not isinstance(num_langevin_steps, int) or num_langevin_steps < 1:
-            raise ValueError(f"`num_langevin_steps` must be a positive integer, got {num_langevin_steps!r}.")
+        check_positive_int(num_langevin_steps, "num_langevin_steps")
         if schedule not in SCHEDULES:
             raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}.")
         if langevin_step_size_rule not in STEP_SIZE_RULES:
             raise ValueError(
                 f"`langevin_step_size_rule` must be one of {STEP_SIZE_RULES}, got {langevin_step_size_rule!r}."
             )
-        if not langevin_step_size_scale > 0:
+        check_number(tweedie_coefficient, "tweedie_coefficient")
+        if not isinstance(clip_sample, bool):
+            raise TypeError(f"`clip_sample` must be True or False, got {clip_sample!r}.")
+        if not check_number(langevin_step_size_scale, "langevin_step_size_scale") > 0:
             raise ValueError(f"`langevin_step_size_scale` must be positive, got {langevin_step_size_scale}.")
 
         if schedule == "cosine":
@@ -186,14 +190,15 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         self._validate_index(timestep, "timestep", self.num_noise_levels - 1)
 
     @staticmethod
-    def _gather(values: torch.Tensor, index: Timestep, like: torch.Tensor) -> torch.Tensor:
+    def _gather(values: torch.Tensor, index: Timestep, like: torch.Tensor, name: str = "timestep") -> torch.Tensor:
         """``values[index]`` on ``like``'s device, shaped to broadcast against ``like`` (batch first)."""
         values = values.to(like.device)
         if isinstance(index, int) or index.ndim == 0:
             return values[int(index)]
         if index.shape != like.shape[:1]:
             raise ValueError(
-                f"An index tensor of shape {tuple(index.shape)} does not match the batch of {like.shape[0]}."
+                f"`{name}` of shape {tuple(index.shape)} does not match the batch of {like.shape[0]}: pass one index "
+                "or one per example."
             )
         return values[index.to(like.device)].view(-1, *([1] * (like.ndim - 1)))
 
@@ -213,6 +218,7 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
 
     @staticmethod
     def _index(values: torch.Tensor, index: Timestep, device: torch.device | str | None) -> torch.Tensor:
+        device = None if device is None else as_device(device)
         if isinstance(index, torch.Tensor):
             device = index.device if device is None else device
             return values.to(device)[index.to(device)]
@@ -222,8 +228,7 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         """r = K / K', the step-size multiplier of the sampling adjustment (Sec. 4.2): s'^2 = r s_t^2."""
         if num_langevin_steps is None:
             return 1.0
-        if isinstance(num_langevin_steps, bool) or not isinstance(num_langevin_steps, int) or num_langevin_steps < 1:
-            raise ValueError(f"`num_langevin_steps` must be a positive integer, got {num_langevin_steps!r}.")
+        check_positive_int(num_langevin_steps, "num_langevin_steps")
         return self.config.num_langevin_steps / num_langevin_steps
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -232,7 +237,13 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, level: Timestep) -> torch.Tensor:
         """x_k = alpha_bar_k x_0 + sigma_bar_k eps, the marginal at noise level k in 0..T (Sec. 3.1)."""
         self._validate_index(level, "level", self.num_noise_levels)
-        return self._gather(self.alpha_bar, level, clean) * clean + self._gather(self.sigma_bar, level, clean) * noise
+        check_float_tensor(clean, "clean")
+        check_same_shape(noise, "noise", clean, "clean")
+        alpha_bar, sigma_bar = (
+            self._gather(self.alpha_bar, level, clean, "level"),
+            self._gather(self.sigma_bar, level, clean, "level"),
+        )
+        return alpha_bar * clean + sigma_bar * noise
 
     def training_pair(
         self, clean: torch.Tensor, timestep: Timestep, noise: torch.Tensor
@@ -244,6 +255,8 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         Both are interpolations between the same x_0 and eps, which reduces the variance of the EBM gradient; this
         is intentionally not the Markov forward joint.
         """
+        check_float_tensor(clean, "clean")
+        check_same_shape(noise, "noise", clean, "clean")
         shape_like = clean
         alpha_bar_t = self._per_pair(self.alpha_bar[:-1], timestep, shape_like)
         sigma_bar_t = self._per_pair(self.sigma_bar[:-1], timestep, shape_like)
@@ -256,10 +269,12 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
 
     def to_chain_space(self, sample: torch.Tensor, timestep: Timestep) -> torch.Tensor:
         """y_t = input_scale_t x_t (Sec. 3.1; SPEC §3 for the marginal last pair)."""
+        check_float_tensor(sample, "sample")
         return self._per_pair(self.input_scale, timestep, sample) * sample
 
     def from_chain_space(self, sample: torch.Tensor, timestep: Timestep) -> torch.Tensor:
         """x_t = y_t / input_scale_t (Algorithm 2)."""
+        check_float_tensor(sample, "sample")
         return sample / self._per_pair(self.input_scale, timestep, sample)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -267,6 +282,8 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------------------------------
     def initializer_proposal(self, mean: torch.Tensor, timestep: Timestep, noise: torch.Tensor) -> torch.Tensor:
         """y_hat_t = g_phi(x_{t+1}) + sigma_tilde_t eps, a draw from the initializer's Gaussian (Eq. 6)."""
+        check_float_tensor(mean, "mean")
+        check_same_shape(noise, "noise", mean, "mean")
         return mean + self._per_pair(self.initializer_std, timestep, mean) * noise
 
     def langevin_coefficients(
@@ -306,6 +323,9 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
             noise: standard Gaussian noise shaped like ``sample``.
             num_langevin_steps: K', the number of steps used now (sampling adjustment); ``None`` means K.
         """
+        check_float_tensor(sample, "sample")
+        for name, tensor in (("neg_energy_grad", neg_energy_grad), ("noisier", noisier), ("noise", noise)):
+            check_same_shape(tensor, name, sample, "sample")
         coefficients = self.langevin_coefficients(timestep, sample, num_langevin_steps)
         return coefficients.step(sample, neg_energy_grad, noisier, noise)
 
@@ -320,6 +340,8 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
             sample: x_0, the output of the last Langevin stage (data space, slightly noisy).
             neg_energy_grad: grad_y f_hat(y; lambda_0) evaluated at y = input_scale_0 x.
         """
+        check_float_tensor(sample, "sample")
+        check_same_shape(neg_energy_grad, "neg_energy_grad", sample, "sample")
         score = self.input_scale[0].item() * neg_energy_grad / self.langevin_step_size[0].item() ** 2
         denoised = (sample + self.config.tweedie_coefficient * self.sigma_bar[0].item() ** 2 * score) / self.alpha_bar[
             0
@@ -328,6 +350,7 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
 
     def log_density(self, neg_energy: torch.Tensor, timestep: Timestep) -> torch.Tensor:
         """f_theta(y; t) = f_hat(y; lambda_t) / s_t^2, the unnormalised log-density of pair t (App. A.2)."""
+        check_float_tensor(neg_energy, "neg_energy")
         return neg_energy / self._per_pair(self.langevin_step_size, timestep, neg_energy) ** 2
 
     def __len__(self) -> int:
