@@ -7,7 +7,7 @@ sqrt(K / K') (``num_langevin_steps=K'``). Settings, all from the same initial no
 
 - K' in {15, 8, 5, 3}: initializer proposal + K' adjusted Langevin steps per level (Table 2);
 - initializer alone: the proposals without Langevin (``num_langevin_steps=0``, Fig. 8a);
-- Langevin alone: 15 steps per level started from x_{t+1} instead of the proposal (``use_initializer=False``).
+- Langevin alone: the trained K steps per level from x_{t+1} instead of the proposal (``use_initializer=False``).
 
 Samples are class-conditional with guidance w = 1 (``--guidance_scale``), where this small model's samples show
 their class; quality is scored as in digits_guidance.py (classifier accuracy, Fréchet classifier distance,
@@ -64,7 +64,7 @@ def save_quality_plot(results: dict, path: Path) -> None:
     for axis, (key, title) in zip(axes[:2], panels):
         axis.plot(LANGEVIN_STEPS, [row[key] for row in adjusted], "o-", label="proposal + K' adjusted steps")
         axis.axhline(rows["initializer alone"][key], color="tab:orange", linestyle=":", label="initializer alone")
-        axis.axhline(rows["Langevin alone"][key], color="tab:red", linestyle="-.", label="Langevin alone (K'=15)")
+        axis.axhline(rows["Langevin alone"][key], color="tab:red", linestyle="-.", label="Langevin alone (trained K)")
         axis.axhline(results["real_data"][key], color="gray", linestyle="--", label="held-out real digits")
         axis.set_xlabel("Langevin steps per level K'")
         axis.set_xticks(LANGEVIN_STEPS)
