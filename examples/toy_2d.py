@@ -2,7 +2,6 @@
 """Figure 1 of the CDRL paper on a CPU: fit a 2-D checkerboard and measure the density the EBMs learn.
 
     python examples/toy_2d.py                                # ~13 minutes on one CPU core (see docs/toy_2d.md)
-    python examples/toy_2d.py --preset long                  # 20k steps, cosine decay (~30 min)
     python examples/toy_2d.py --dataset 8gaussians --num_train_steps 2000
 
 It trains an ``EnergyMLP`` and an ``InitializerMLP`` with the library's ``cdrl_training_step`` (Algorithm 1), samples
@@ -111,14 +110,6 @@ class ToyConfig:
             raise ValueError(f"`--warmup_steps` must be >= 0, got {self.warmup_steps}.")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"`--ema_decay` must lie in [0, 1), got {self.ema_decay}.")
-
-
-PRESETS = {
-    "default": {},
-    # Constant rates diverged late in both long attempts (1e-3 with batch 512 after 11.75k steps, 5e-4 after 17k,
-    # docs/toy_2d.md); the cosine decay keeps the rate small in that phase.
-    "long": {"num_train_steps": 20_000, "lr_decay": "cosine"},
-}
 
 
 @dataclass
@@ -266,7 +257,7 @@ def train_toy(
             if max((abs(gap) for gap in level_gaps if math.isfinite(gap)), default=0.0) > config.max_neg_energy_gap:
                 raise DivergenceError(
                     f"Step {step}: the EBM is diverging (|f_hat gap| above {config.max_neg_energy_gap}); per-level "
-                    f"gaps: {last_gaps}. Lower the EBM learning rate."
+                    f"gaps: {last_gaps}. Train fewer steps or lower the EBM learning rate (docs/toy_2d.md)."
                 )
             bar.set_postfix(ebm=f"{history.ebm_loss[-1]:.3g}", init=f"{history.initializer_loss[-1]:.3g}")
             if log:
@@ -412,7 +403,6 @@ def plot_figure(evaluation: ToyEvaluation, scheduler: CDRLScheduler, path: str, 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ToyConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="A documented setting.")
     parser.add_argument("--output_dir", default="outputs/toy_2d", help="Where the models, figure and metrics go.")
     parser.add_argument("--figure_path", default=None, help="PNG path (default: OUTPUT_DIR/toy_2d.png).")
     parser.add_argument("--metrics_path", default=None, help="JSON path (default: OUTPUT_DIR/metrics.json).")
@@ -429,8 +419,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ToyConfig, argparse.Names
         parser.add_argument(f"--{item.name}", type=type(item.default), default=None, choices=choices)
     args = parser.parse_args(argv)
     overrides = {item.name: getattr(args, item.name) for item in fields(ToyConfig)}
-    config = replace(ToyConfig(), **PRESETS[args.preset])
-    config = replace(config, **{name: value for name, value in overrides.items() if value is not None})
+    config = replace(ToyConfig(), **{name: value for name, value in overrides.items() if value is not None})
     return config, args
 
 

@@ -118,5 +118,6 @@ def test_config_validation_and_presets():
         toy_2d.ToyConfig(mixed_precision="fp16")
     with pytest.raises(ValueError, match="lr_decay"):
         toy_2d.ToyConfig(lr_decay="linear")
-    config, _ = toy_2d.parse_args(["--preset", "long", "--seed", "3"])
-    assert config.num_train_steps == toy_2d.PRESETS["long"]["num_train_steps"] and config.seed == 3
+    config, _ = toy_2d.parse_args(["--num_train_steps", "123", "--seed", "3", "--lr_decay", "cosine"])
+    assert (config.num_train_steps, config.seed, config.lr_decay) == (123, 3, "cosine")
+    assert config.batch_size == toy_2d.ToyConfig().batch_size  # everything else keeps its default

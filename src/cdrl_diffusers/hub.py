@@ -165,8 +165,8 @@ def check_model_folder(folder: str | os.PathLike, use_safetensors: bool | None =
     weights, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
     if weights.is_file():
         try:
-            with safe_open(str(weights), framework="pt"):
-                pass
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()  # parses the header: a truncated or foreign file fails here
         except SafetensorError as error:
             raise ValueError(
                 f"{weights} is not a valid safetensors file ({error}); download or save it again."
