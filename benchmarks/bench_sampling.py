@@ -26,15 +26,15 @@ from torch.nn.utils import parametrize
 sys.path.insert(0, str(Path(__file__).parent))
 from naive import _guided, naive_sample, textbook_blocks  # noqa: E402
 from perf_utils import (  # noqa: E402
+    add_run_arguments,
     build_models,
     conv_peak,
     conv_shapes,
     count_flops,
-    environment,
     fmt_bytes,
+    run_architectures,
     summary,
     timed,
-    write_json,
 )
 
 from cdrl_diffusers import CDRLPipeline, CDRLScheduler, ConditionWeights  # noqa: E402
@@ -304,37 +304,18 @@ def print_case(arch: str, case: str, batch: int, args, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="+", default=["paper", "small"], choices=["paper", "small", "tiny"])
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_run_arguments(parser)
     parser.add_argument("--levels", type=int, default=6, help="noise levels T (the paper: 6)")
     parser.add_argument("--steps", type=int, default=15, help="Langevin steps K per level (the paper: 15)")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--cases", nargs="+", default=["guided", "unguided"], choices=["guided", "unguided"])
     parser.add_argument("--modes", nargs="+", default=["naive", "fp32", "fp32_cl", "bf16", "bf16_cl"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--allow-tf32", action="store_true", help="CUDA: let fp32 convolutions use TF32 (PyTorch's default for cuDNN)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablation", action="store_true", help="also time each optimisation on one evaluation")
     parser.add_argument("--no-peak", action="store_true", help="skip the conv peak measurement")
-    parser.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; stop adding repeats")
-    parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     for mode in args.modes:
         parse_mode(mode)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
-    payload = {"command": " ".join(sys.argv), "environment": environment(device), "results": []}
-    print(f"environment: {payload['environment']}", flush=True)
-    for arch in args.arch:
-        payload["results"].append(sampling_runs(args, arch, device))
-        write_json(args.json, payload)
-    return payload
+    return run_architectures(args, sampling_runs)
 
 
 if __name__ == "__main__":

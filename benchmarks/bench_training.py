@@ -23,7 +23,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from naive import naive_training_step  # noqa: E402
-from perf_utils import build_models, count_flops, environment, fmt_bytes, summary, timed, write_json  # noqa: E402
+from perf_utils import (  # noqa: E402
+    add_run_arguments,
+    build_models,
+    count_flops,
+    fmt_bytes,
+    run_architectures,
+    summary,
+    timed,
+)
 
 from cdrl_diffusers import CDRLScheduler, cdrl_training_step  # noqa: E402
 
@@ -153,8 +161,7 @@ def print_result(result: dict, args) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="+", default=["paper", "small"], choices=["paper", "small", "tiny"])
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_run_arguments(parser)
     parser.add_argument("--steps", type=int, default=15, help="Langevin steps K (the paper: 15)")
     parser.add_argument("--modes", nargs="+", default=["naive", "fp32", "fp32_cl", "fp32_ckpt", "bf16", "bf16_cl"])
     parser.add_argument(
@@ -164,28 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="initializer dropout (the paper: 0.1). 0 by default: a channels_last tensor draws its dropout mask in "
         "memory order, so _cl modes would not reproduce the naive step's mask; the cost of dropout is negligible",
     )
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--allow-tf32", action="store_true", help="CUDA: let fp32 convolutions use TF32 (PyTorch's default for cuDNN)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; stop adding repeats")
-    parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     for mode in args.modes:
         parse_mode(mode)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
-    payload = {"command": " ".join(sys.argv), "environment": environment(device), "results": []}
-    print(f"environment: {payload['environment']}", flush=True)
-    for arch in args.arch:
-        payload["results"].append(training_runs(args, arch, device))
-        write_json(args.json, payload)
-    return payload
+    return run_architectures(args, training_runs)
 
 
 if __name__ == "__main__":

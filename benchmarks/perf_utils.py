@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from collections import Counter
@@ -262,6 +264,35 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2, default=str))
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags bench_sampling.py and bench_training.py share: models, repeats, device, seed, output."""
+    parser.add_argument("--arch", nargs="+", default=["paper", "small"], choices=["paper", "small", "tiny"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--allow-tf32", action="store_true", help="CUDA: let fp32 convolutions use TF32 (PyTorch's default for cuDNN)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; stop adding repeats")
+    parser.add_argument("--json", default=None, help="write the results here")
+
+
+def run_architectures(args: argparse.Namespace, runs: Callable[[argparse.Namespace, str, torch.device], dict]) -> dict:
+    """Apply the device settings, then ``runs(args, arch, device)`` per architecture, rewriting the JSON after each."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+    payload = {"command": " ".join(sys.argv), "environment": environment(device), "results": []}
+    print(f"environment: {payload['environment']}", flush=True)
+    for arch in args.arch:
+        payload["results"].append(runs(args, arch, device))
+        write_json(args.json, payload)
+    return payload
 
 
 def fmt_bytes(value: float) -> str:
