@@ -82,15 +82,24 @@ def check_finite(tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"`{name}` contains NaN or infinite values.")
 
 
-def cli_positive_int(text: str) -> int:
-    """An argparse ``type``: a positive integer (argparse then names the flag in its error message)."""
+def _cli_int(text: str, minimum: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def cli_positive_int(text: str) -> int:
+    """An argparse ``type``: a positive integer (argparse then names the flag in its error message)."""
+    return _cli_int(text, 1, "a positive integer")
+
+
+def cli_non_negative_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 0."""
+    return _cli_int(text, 0, "an integer >= 0")
 
 
 def cli_non_negative_float(text: str) -> float:
@@ -137,14 +146,3 @@ def check_sample(sample: Any, shape: tuple[int, ...], name: str = "sample") -> N
         raise ValueError(f"`{name}` must have shape ({expected}), got {tuple(sample.shape)}.")
     if sample.shape[0] == 0:
         raise ValueError(f"`{name}` must not be an empty batch.")
-
-
-def cli_non_negative_int(text: str) -> int:
-    """An argparse ``type``: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
