@@ -13,10 +13,10 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from .guidance import ConditionWeights, null_label_of
-from .sampling import frozen, langevin_refine, precision_context
-from .schedulers.scheduling_cdrl import CDRLScheduler
-from .validation import check_generator, check_probability
+from ..guidance import ConditionWeights, null_label_of
+from ..sampling import frozen, langevin_refine, precision_context
+from ..schedulers.scheduling_cdrl import CDRLScheduler
+from ..validation import check_generator, check_probability
 
 LEVEL_METRICS = (
     "ebm_loss",

@@ -1,0 +1,19 @@
+"""Training CDRL: the cooperative step of Algorithm 1 and the optimisation schedule of App. A.2."""
+
+from .step import (
+    LEVEL_METRICS,
+    CDRLTrainingOutput,
+    cdrl_training_step,
+    create_ema_model,
+    drop_labels,
+    warmup_multiplier,
+)
+
+__all__ = [
+    "LEVEL_METRICS",
+    "CDRLTrainingOutput",
+    "cdrl_training_step",
+    "create_ema_model",
+    "drop_labels",
+    "warmup_multiplier",
+]
