@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -102,15 +103,29 @@ def cli_non_negative_int(text: str) -> int:
     return _cli_int(text, 0, "an integer >= 0")
 
 
-def cli_non_negative_float(text: str) -> float:
-    """An argparse ``type``: a finite number >= 0."""
+def _cli_float(text: str, accept: Callable[[float], bool], expected: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not math.isfinite(value) or not accept(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def cli_non_negative_float(text: str) -> float:
+    """An argparse ``type``: a finite number >= 0."""
+    return _cli_float(text, lambda value: value >= 0, "a finite number >= 0")
+
+
+def cli_positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (a learning rate, a clipping norm)."""
+    return _cli_float(text, lambda value: value > 0, "a finite number > 0")
+
+
+def cli_fraction(text: str) -> float:
+    """An argparse ``type``: a number in [0, 1) (a probability that is not certainty, an Adam beta, a decay)."""
+    return _cli_float(text, lambda value: 0 <= value < 1, "a number in [0, 1)")
 
 
 def cli_device(text: str) -> str:
