@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,18 @@ def validate_class_names(class_names: list[str] | None, num_class_embeds: int | 
         )
     if len(set(class_names)) != len(class_names):
         raise ValueError("`class_names` must be unique.")
+
+
+class EnergyCondition(NamedTuple):
+    """The part of f_hat that depends on (log-SNR, class) alone (``EnergyModel.embed_condition``).
+
+    Args:
+        block_biases: each residual block's embedding term, of shape (batch, channels).
+        readout: the weights of the log-SNR dependent readout, of shape (batch, channels).
+    """
+
+    block_biases: tuple[torch.Tensor, ...]
+    readout: torch.Tensor
 
 
 class EnergyResBlock(nn.Module):
@@ -184,12 +197,32 @@ class EnergyModel(SafeLoadingMixin, ModelMixin, ConfigMixin):
                 channels = out_channels
         self.readout = nn.Linear(embedding_dim, block_out_channels[-1])
 
+    def embed_condition(self, logsnr: torch.Tensor, class_labels: torch.Tensor | None = None) -> EnergyCondition:
+        """Everything in f_hat that depends on (log-SNR, class) alone: each block's embedding bias and the readout.
+
+        Langevin sampling computes it once per level and passes it to the K forward passes as ``condition``.
+
+        Args:
+            logsnr: lambda_t of shape (batch,).
+            class_labels: integer labels of shape (batch,) for conditional models; ``None`` is the null class.
+        """
+        if not isinstance(logsnr, torch.Tensor) or logsnr.ndim != 1:
+            raise TypeError("`logsnr` must be a tensor of shape (batch,).")
+        probe = logsnr.new_empty((logsnr.shape[0], 0))
+        logsnr, class_labels = prepare_condition(probe, logsnr, class_labels, self.config.num_class_embeds)
+        embedding = self.act(self.embedding(logsnr, class_labels))
+        return EnergyCondition(
+            block_biases=tuple(block.embedding_bias(embedding) for block in self.blocks),
+            readout=self.readout(embedding),
+        )
+
     def forward(
         self,
         sample: torch.Tensor,
         logsnr: float | torch.Tensor,
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
+        condition: EnergyCondition | None = None,
     ) -> EnergyModelOutput | tuple[torch.Tensor]:
         """f_hat(sample; logsnr, class).
 
@@ -198,36 +231,30 @@ class EnergyModel(SafeLoadingMixin, ModelMixin, ConfigMixin):
             logsnr: lambda_t, a float or a tensor of shape (batch,).
             class_labels: integer labels of shape (batch,) for conditional models; ``None`` is the null class.
             return_dict: return an ``EnergyModelOutput`` rather than a tuple.
+            condition: ``embed_condition(logsnr, class_labels)`` for these same inputs, computed once and reused.
         """
         self._check_sample(sample)
         logsnr, class_labels = prepare_condition(sample, logsnr, class_labels, self.config.num_class_embeds)
-        block_biases, readout = self.embedding.memoized(
-            "energy_model", logsnr, class_labels, lambda: self._conditioning(logsnr, class_labels)
-        )
+        if condition is None:
+            condition = self.embedding.memoized(
+                "energy_model", logsnr, class_labels, lambda: self.embed_condition(logsnr, class_labels)
+            )
+        elif not isinstance(condition, EnergyCondition):
+            raise TypeError(f"`condition` must come from `embed_condition`, got {type(condition).__name__}.")
 
         hidden = self.conv_in(sample)
         blocks_per_resolution = self.config.layers_per_block
-        for index, (block, bias) in enumerate(zip(self.blocks, block_biases)):
+        for index, (block, bias) in enumerate(zip(self.blocks, condition.block_biases)):
             hidden = block(hidden, bias)
             last_of_resolution = (index + 1) % blocks_per_resolution == 0
             if last_of_resolution and index + 1 < len(self.blocks):
                 hidden = F.avg_pool2d(hidden, 2)
         features = F.relu(hidden).sum(dim=(2, 3))
-        neg_energy = (features * readout).sum(dim=1)
+        neg_energy = (features * condition.readout).sum(dim=1)
 
         if not return_dict:
             return (neg_energy,)
         return EnergyModelOutput(neg_energy=neg_energy)
-
-    def _conditioning(
-        self, logsnr: torch.Tensor, class_labels: torch.Tensor | None
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Everything that depends on (log-SNR, class) alone: each block's embedding bias and the readout weights.
-
-        Inside ``sampling.frozen`` it is computed once per level, not once per Langevin step (``memoized``).
-        """
-        embedding = self.act(self.embedding(logsnr, class_labels))
-        return [block.embedding_bias(embedding) for block in self.blocks], self.readout(embedding)
 
     def _check_sample(self, sample: torch.Tensor) -> None:
         size = self.config.sample_size
