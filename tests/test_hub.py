@@ -1,4 +1,5 @@
-"""Loading by Hub repo id from a Hub cache in the standard layout, offline; safe-loading rules (issue 8)."""
+"""Loading by Hub repo id from a Hub cache in the standard layout, offline; safe-loading rules; clear errors for
+mistyped local folders and damaged weights."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,9 @@ import huggingface_hub.constants
 import pytest
 import torch
 from conftest import TINY_SIZE, tiny_pipeline
+from huggingface_hub.errors import RepositoryNotFoundError
 
+import cdrl_diffusers.hub
 from cdrl_diffusers import (
     CDRLComposePipeline,
     CDRLInpaintPipeline,
@@ -132,12 +136,83 @@ def test_models_load_by_repo_id_offline(hub_cache, offline):
 
 def test_a_repo_missing_from_the_cache_is_a_clear_error(hub_cache, offline):
     cache, _, _ = hub_cache
-    with pytest.raises(FileNotFoundError, match="'org/absent'.*neither a local folder nor in the Hub cache"):
+    with pytest.raises(FileNotFoundError, match="'org/absent'.*No such local folder.*not in the Hub cache"):
         CDRLPipeline.from_pretrained("org/absent", cache_dir=cache)
     with pytest.raises(FileNotFoundError, match="'org/absent'"):
         EnergyModel.from_pretrained("org/absent", subfolder="energy_model", cache_dir=cache)
-    with pytest.raises(FileNotFoundError, match="No such folder"):
+    with pytest.raises(FileNotFoundError, match="No such local folder: './no/such/folder'"):
         CDRLPipeline.from_pretrained("./no/such/folder", cache_dir=cache)
+
+
+class HubSays:
+    """Stands in for ``snapshot_download`` online: the Hub answers that the repo does not exist."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __call__(self, repo_id, **kwargs):
+        self.calls.append(repo_id)
+        response = type("Response", (), {"headers": {}, "request": None})()
+        raise RepositoryNotFoundError(f"404 Client Error. Repository Not Found for url: {repo_id}", response=response)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working directory with outputs/cdrl-shapes (a saved pipeline) and outputs/cdrl-digits folders."""
+    (tmp_path / "outputs" / "cdrl-digits").mkdir(parents=True)
+    tiny_pipeline().save_pretrained(tmp_path / "outputs" / "cdrl-shapes")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_a_mistyped_local_folder_is_reported_as_a_missing_folder(workdir, hub_cache, monkeypatch, online):
+    """``outputs/cdrl-shapse`` has the form of a repo id: the error names the missing folder and its near miss,
+    online (where the Hub answers "Repository Not Found") as well as offline (where the cache lacks it)."""
+    cache, _, _ = hub_cache
+    hub = HubSays()
+    if online:
+        monkeypatch.setattr(cdrl_diffusers.hub, "snapshot_download", hub)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    expected = r"No such local folder: 'outputs/cdrl-shapse' \(.*\); .*outputs has 'cdrl-shapes'"
+    with pytest.raises(FileNotFoundError, match=expected):
+        CDRLPipeline.from_pretrained("outputs/cdrl-shapse", cache_dir=cache)
+    with pytest.raises(FileNotFoundError, match=expected):
+        EnergyModel.from_pretrained("outputs/cdrl-shapse", subfolder="energy_model", cache_dir=cache)
+    assert hub.calls == (["outputs/cdrl-shapse"] * 2 if online else [])
+    # The correctly typed folder loads.
+    assert type(CDRLPipeline.from_pretrained("outputs/cdrl-shapes")) is CDRLPipeline
+
+
+@pytest.mark.parametrize(
+    "name", ["./outputs/cdrl-shapse", "outputs/cdrl-shapse/", "outputs/runs/cdrl-shapse", "~/cdrl-shapse", "a b/c"]
+)
+def test_names_that_cannot_be_repo_ids_never_reach_the_hub(workdir, monkeypatch, name):
+    hub = HubSays()
+    monkeypatch.setattr(cdrl_diffusers.hub, "snapshot_download", hub)
+    with pytest.raises(FileNotFoundError, match=f"No such local folder: {re.escape(repr(name))}.*not a Hub repo id"):
+        CDRLPipeline.from_pretrained(name)
+    with pytest.raises(FileNotFoundError, match="No such local folder"):
+        EnergyModel.from_pretrained(name)
+    assert hub.calls == []
+
+
+def test_a_file_is_not_taken_for_a_folder_or_a_repo_id(workdir, monkeypatch):
+    hub = HubSays()
+    monkeypatch.setattr(cdrl_diffusers.hub, "snapshot_download", hub)
+    (workdir / "model").write_text("not a folder")
+    with pytest.raises(FileNotFoundError, match="'model' is a file, not a folder"):
+        CDRLPipeline.from_pretrained("model")
+    assert hub.calls == []
+
+
+def test_an_unknown_repo_id_online_says_so(workdir, monkeypatch):
+    monkeypatch.setattr(cdrl_diffusers.hub, "snapshot_download", HubSays())
+    with pytest.raises(FileNotFoundError, match="the Hub has no repo 'org/absent' that you can access") as error:
+        CDRLPipeline.from_pretrained("org/absent")
+    assert isinstance(error.value.__cause__, RepositoryNotFoundError)
 
 
 def test_legacy_bin_weights_are_refused_unless_asked_for(hub_cache, offline):
@@ -198,6 +273,43 @@ DAMAGES = {
         "not a valid safetensors file",
     ),
 }
+
+
+def corrupt_tensor(path: Path, value: float) -> str:
+    """Overwrite the first element of the largest float32 tensor of a safetensors file, header untouched."""
+    data = bytearray(path.read_bytes())
+    (header_size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_size])
+    name = max(
+        (key for key, entry in header.items() if key != "__metadata__" and entry["dtype"] == "F32"),
+        key=lambda key: header[key]["data_offsets"][1] - header[key]["data_offsets"][0],
+    )
+    start = 8 + header_size + header[name]["data_offsets"][0]
+    data[start : start + 4] = struct.pack("<f", value)
+    path.write_bytes(bytes(data))
+    return name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_file_and_tensor(saved_folder, tmp_path, value):
+    folder = damaged(saved_folder, tmp_path, lambda p: None)
+    tensor = corrupt_tensor(folder / WEIGHTS, value)
+    expected = re.escape(f"{folder / WEIGHTS}: tensor {tensor!r} holds 1 NaN or infinite value(s)")
+    with pytest.raises(ValueError, match=expected):
+        CDRLPipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match=expected):
+        EnergyModel.from_pretrained(folder, subfolder="energy_model")
+
+
+def test_non_finite_weights_in_a_shard_are_refused(tmp_path):
+    model = EnergyMLP(hidden_dim=16, num_layers=2, embedding_dim=8)
+    model.save_pretrained(tmp_path, max_shard_size="2KB")
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert_same_weights(EnergyMLP.from_pretrained(tmp_path), model)
+    tensor = corrupt_tensor(shards[-1], float("nan"))
+    with pytest.raises(ValueError, match=re.escape(f"{shards[-1]}: tensor {tensor!r}")):
+        EnergyMLP.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))

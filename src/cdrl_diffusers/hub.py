@@ -15,18 +15,29 @@ Safety:
 - No ``trust_remote_code`` or ``custom_pipeline`` path exists: components are always classes of this library (or
   diffusers), and ``model_index.json`` files naming anything else are refused.
 - A missing or damaged ``model_index.json``, component folder, ``config.json`` or weight file raises a
-  ``FileNotFoundError`` or ``ValueError`` that names the file, before diffusers reads it.
+  ``FileNotFoundError`` or ``ValueError`` that names the file, before diffusers reads it; so does a weight tensor
+  holding NaN or infinite values (bytes damaged inside a file whose header is intact).
+
+Local folder or repo id: a name that exists as a folder is loaded from disk. Anything else is a Hub repo id only if
+it has that form (``"name"`` or ``"org/name"``, no ``./``, ``~``, leading ``/``, trailing separator or second
+``/``); otherwise it is reported as a missing local folder, with no network call. A name of the repo-id form that the
+Hub does not know (or, offline, that the cache lacks) is reported as both a missing folder and an unknown repo,
+naming the closest existing folders when its parent folder exists (``outputs/cdrl-shapse`` next to
+``outputs/cdrl-shapes``).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 
 PIPELINE_FILES = (
@@ -49,12 +60,41 @@ def _allows_pickle(kwargs: dict[str, Any]) -> bool:
     return kwargs.get("use_safetensors", True) is not True
 
 
+def _looks_like_a_path(name: str) -> bool:
+    """True when ``name`` cannot be a Hub repo id, so it can only mean a local folder."""
+    if name.startswith((".", "~")) or os.path.isabs(name) or name.endswith(("/", os.sep)) or name.count("/") > 1:
+        return True
+    if os.sep != "/" and os.sep in name:
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _missing_folder(name: str) -> str:
+    """'No such local folder' and, when the parent folder exists, its entries closest to the name."""
+    path = Path(name).expanduser()
+    message = f"No such local folder: {name!r} ({path.absolute()})"
+    parent = path.absolute().parent
+    if path.exists() and not path.is_dir():
+        return f"{name!r} is a file, not a folder"
+    if parent.is_dir():
+        siblings = [entry.name for entry in parent.iterdir() if entry.is_dir()]
+        close = difflib.get_close_matches(path.name, siblings, n=3, cutoff=0.6)
+        if close:
+            message += f"; {parent} has {', '.join(repr(entry) for entry in close)}"
+    return message
+
+
 def _snapshot(repo_id: str, allow_patterns: list[str], kwargs: dict[str, Any]) -> str:
     if not isinstance(repo_id, str):
         raise TypeError(f"Expected a folder or a Hub repo id as a string, got {type(repo_id).__name__}.")
-    if repo_id.startswith((".", "/", "~")) or repo_id.count("/") > 1 or os.sep in repo_id.replace("/", ""):
-        raise FileNotFoundError(f"No such folder: {repo_id!r} (and it is not a Hub repo id of the form 'org/name').")
+    if _looks_like_a_path(repo_id) or os.path.exists(repo_id):
+        raise FileNotFoundError(f"{_missing_folder(repo_id)} (and it is not a Hub repo id of the form 'org/name').")
     revision = kwargs.get("revision")
+    at = f" at revision {revision!r}" if revision else ""
     try:
         return snapshot_download(
             repo_id,
@@ -66,11 +106,17 @@ def _snapshot(repo_id: str, allow_patterns: list[str], kwargs: dict[str, Any]) -
             proxies=kwargs.get("proxies"),
             allow_patterns=allow_patterns,
         )
-    except LocalEntryNotFoundError as error:
-        at = f" at revision {revision!r}" if revision else ""
+    except GatedRepoError:
+        raise
+    except RepositoryNotFoundError as error:
         raise FileNotFoundError(
-            f"Cannot load {repo_id!r}{at}: it is neither a local folder nor in the Hub cache, and the Hub cannot be "
-            f"reached (offline, HF_HUB_OFFLINE=1 or `local_files_only=True`). ({error})"
+            f"Cannot load {repo_id!r}: {_missing_folder(repo_id)}, and the Hub has no repo {repo_id!r} that you can "
+            "access (private repos need `token=` or `huggingface-cli login`)."
+        ) from error
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"Cannot load {repo_id!r}{at}: {_missing_folder(repo_id)}, and it is not in the Hub cache while the Hub "
+            f"cannot be reached (offline, HF_HUB_OFFLINE=1 or `local_files_only=True`). ({error})"
         ) from error
 
 
@@ -164,16 +210,14 @@ def check_model_folder(folder: str | os.PathLike, use_safetensors: bool | None =
     stem = WEIGHTS_NAME + (f".{variant}" if variant else "")
     weights, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
     if weights.is_file():
-        try:
-            with safe_open(str(weights), framework="pt") as handle:
-                handle.keys()  # parses the header: a truncated or foreign file fails here
-        except SafetensorError as error:
-            raise ValueError(
-                f"{weights} is not a valid safetensors file ({error}); download or save it again."
-            ) from error
+        check_safetensors_file(weights)
         return
     if index.is_file():
-        _read_json(index)
+        shards = _read_json(index).get("weight_map", {})
+        for shard in sorted(set(shards.values()) if isinstance(shards, dict) else ()):
+            if not (folder / shard).is_file():
+                raise FileNotFoundError(f"{folder / shard} is missing: {index.name} lists it.")
+            check_safetensors_file(folder / shard)
         return
     legacy = [folder / f"{stem}.bin", folder / f"{stem}.bin.index.json"]
     if any(path.is_file() for path in legacy):
@@ -185,6 +229,24 @@ def check_model_folder(folder: str | os.PathLike, use_safetensors: bool | None =
             "read with torch.load(weights_only=True))."
         )
     raise FileNotFoundError(f"{folder} has no weights: expected {weights.name} (or {index.name}).")
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """A ``ValueError`` naming the file and the tensor when ``path`` is not a readable safetensors file or one of its
+    floating-point tensors holds NaN or infinite values (bytes damaged inside a tensor leave the header intact, and
+    the model would otherwise load and produce black images)."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_tensor(name)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise ValueError(
+                        f"{path}: tensor {name!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the file "
+                        "is damaged (or was saved from a diverged model): download or save it again."
+                    )
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a valid safetensors file ({error}); download or save it again.") from error
 
 
 class SafeLoadingMixin:
