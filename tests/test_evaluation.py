@@ -8,6 +8,8 @@ import scipy.linalg
 import scipy.spatial.distance
 import torch
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
 from cdrl_diffusers.evaluation import (
     ClassifierFeatures,
@@ -67,6 +69,30 @@ def test_frechet_distance_of_gaussians_with_known_moments():
     expected = ((mean_a - mean_b) ** 2).sum() + ((std_a - std_b) ** 2).sum()
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture
+def torchmetrics_before_1_4(monkeypatch):
+    """FID/KID ``update`` as in torchmetrics 1.0-1.3: ``(imgs * 255).byte()`` whenever ``normalize=True``, even with a
+    custom feature network (1.4 skips it for custom networks). The metrics must be right on either version."""
+    for metric_class in (FrechetInceptionDistance, KernelInceptionDistance):
+        update = metric_class.update
+
+        def update_before_1_4(self, imgs, real, update=update):
+            return update(self, (imgs * 255).byte() if self.normalize else imgs, real)
+
+        monkeypatch.setattr(metric_class, "update", update_before_1_4)
+
+
+def test_frechet_and_kernel_distances_keep_float_features_on_older_torchmetrics(torchmetrics_before_1_4):
+    mean_a, mean_b = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.0])
+    std_a, std_b = np.array([1.0, 2.0, 0.5]), np.array([2.0, 1.0, 0.5])
+    a = exact_moments(mean_a, np.diag(std_a**2), 400, seed=0)
+    b = exact_moments(mean_b, np.diag(std_b**2), 400, seed=1)
+    expected = ((mean_a - mean_b) ** 2).sum() + ((std_a - std_b) ** 2).sum()  # closed form for two Gaussians: 7
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    mean, _ = kernel_distance(a, b, subsets=2, subset_size=None)
+    assert mean == pytest.approx(reference_kid(a.numpy(), b.numpy()), rel=1e-9)
 
 
 def test_frechet_distance_matches_scipy_on_correlated_features():

@@ -100,8 +100,9 @@ def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -
             f"{fake_features.shape[1]}."
         )
     # The features are this process's own: no all-gather across processes (one rank alone may be evaluating).
+    # normalize=False: with it True, torchmetrics before 1.4 turns even custom features into uint8 (x * 255).
     metric = FrechetInceptionDistance(
-        feature=PrecomputedFeatures(real_features.shape[1]), normalize=True, sync_on_compute=False
+        feature=PrecomputedFeatures(real_features.shape[1]), normalize=False, sync_on_compute=False
     )
     metric.update(real_features.double(), real=True)
     metric.update(fake_features.double(), real=False)
@@ -142,7 +143,7 @@ def kernel_distance(
             feature=PrecomputedFeatures(real_features.shape[1]),
             subsets=subsets,
             subset_size=subset_size,
-            normalize=True,
+            normalize=False,  # float features as they are, whatever the torchmetrics version (see frechet_distance)
             sync_on_compute=False,  # the features are this process's own, as in `frechet_distance`
         )
     metric.update(real_features.double(), real=True)
