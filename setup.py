@@ -15,17 +15,18 @@ install_requires = [
     "datasets>=2.19",
     "safetensors>=0.4",
     "huggingface-hub>=0.23",
-    "transformers>=4.40",
     "numpy>=1.24",
     "Pillow>=9.0",
     "tqdm>=4.60",
-    # evaluation: FID/KID, ROC AUC, the bundled digits
-    "torchmetrics>=1.0",
+    # evaluation: FID/KID (float features are kept from 1.3 on with normalize=False), ROC AUC, the bundled digits
+    "torchmetrics>=1.3",
     "scikit-learn>=1.3",
     "scipy>=1.10",
 ]
 examples_requires = ["tensorboard>=2.12", "matplotlib>=3.7"]
-test_requires = ["pytest>=7.4"] + examples_requires
+# pretrained feature backbones for evaluation (DINOv2 and any other `AutoModel` vision model): TransformersFeatures
+backbones_requires = ["transformers>=4.40"]
+test_requires = ["pytest>=7.4"] + examples_requires + backbones_requires
 docs_requires = ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.25"]
 
 setup(
@@ -37,11 +38,12 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # as diffusers 0.42
     install_requires=install_requires,
     entry_points={"console_scripts": ["cdrl-diffusers = cdrl_diffusers.cli:main"]},
     extras_require={
         "examples": examples_requires,
+        "backbones": backbones_requires,
         "test": test_requires,
         "docs": docs_requires,
         "dev": test_requires + docs_requires + ["ruff>=0.4"],

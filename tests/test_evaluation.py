@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import scipy.linalg
@@ -15,6 +18,7 @@ from cdrl_diffusers.evaluation import (
     ClassifierFeatures,
     ImageClassifier,
     InceptionFeatures,
+    TransformersFeatures,
     classifier_accuracy,
     extract_features,
     feature_distances,
@@ -286,3 +290,98 @@ def test_inception_features_need_a_local_file_and_feed_uint8_rgb(tmp_path, monke
     assert extractor.inception.seen.dtype == torch.uint8
     assert extractor.inception.seen.shape == (1, 3, 2, 2)
     assert extractor.inception.seen[0, 2].flatten().tolist() == [0, 128, 255, 255]
+
+
+DINOV2_PREPROCESSING = {  # DINOv2's preprocessing (bicubic resize, center crop, ImageNet statistics), scaled down
+    "image_processor_type": "BitImageProcessor",
+    "do_resize": True,
+    "size": {"shortest_edge": 36},
+    "resample": 3,
+    "do_center_crop": True,
+    "crop_size": {"height": 32, "width": 32},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "do_convert_rgb": True,
+}
+
+
+def save_tiny_dinov2(folder) -> None:
+    """A randomly initialised DINOv2-architecture backbone (hidden size 32) with its image processor config."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    Dinov2Model(config).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(DINOV2_PREPROCESSING))
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dinov2")
+    save_tiny_dinov2(folder)
+    return folder
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_transformers_backbone_features_and_distances_offline(tiny_dinov2, offline):
+    backbone = TransformersFeatures(tiny_dinov2)
+    generator = torch.Generator().manual_seed(0)
+    real = torch.rand(12, 3, 16, 16, generator=generator) * 2 - 1
+    fake = (torch.rand(12, 3, 16, 16, generator=generator) * 2 - 1) * 0.3
+    features = extract_features(backbone, real, batch_size=5)
+    assert features.shape == (12, 32) and features.dtype == torch.float32
+    # The backbone's own preprocessing (resize 16 -> 36, crop 32, ImageNet normalisation) on the uint8 images.
+    pixels = ((real + 1) * 127.5).round().to(torch.uint8)
+    inputs = backbone.processor(images=list(pixels), return_tensors="pt")["pixel_values"]
+    assert inputs.shape == (12, 3, 32, 32)
+    with torch.no_grad():
+        expected = backbone.model(pixel_values=inputs).pooler_output
+    torch.testing.assert_close(features, expected)
+    # DINOv2's pooler output is its layer-normed CLS token; "mean" averages the tokens instead.
+    torch.testing.assert_close(extract_features(TransformersFeatures(tiny_dinov2, pooling="cls"), real), features)
+    mean_features = extract_features(TransformersFeatures(tiny_dinov2, pooling="mean"), real)
+    assert mean_features.shape == (12, 32) and not torch.allclose(mean_features, features)
+    # Grey-scale images are the RGB images with three equal channels.
+    grey = real[:, :1]
+    torch.testing.assert_close(
+        extract_features(backbone, grey), extract_features(backbone, grey.expand(-1, 3, -1, -1))
+    )
+
+    distances = feature_distances(real, fake, backbone, kid_subsets=2, kid_subset_size=None)
+    assert distances.frechet_distance > 0.1 and distances.num_real == 12
+    assert feature_distances(real, real, backbone, kid_subsets=2, kid_subset_size=None).frechet_distance == (
+        pytest.approx(0.0, abs=1e-6)
+    )
+
+
+def test_transformers_backbone_loads_by_hub_id_from_the_cache_offline(tmp_path, tiny_dinov2, offline):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--facebook--dinov2-tiny"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in tiny_dinov2.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    by_id = extract_features(TransformersFeatures("facebook/dinov2-tiny", cache_dir=tmp_path), images)
+    torch.testing.assert_close(by_id, extract_features(TransformersFeatures(tiny_dinov2), images))
+
+
+def test_transformers_backbone_arguments_are_checked(tiny_dinov2, offline):
+    with pytest.raises(ValueError, match="pooling"):
+        TransformersFeatures(tiny_dinov2, pooling="max")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        TransformersFeatures(tiny_dinov2, trust_remote_code=True)
+    with pytest.raises(ValueError, match="3-channel images, got 2"):
+        TransformersFeatures(tiny_dinov2)(torch.zeros(2, 2, 16, 16))

@@ -1,5 +1,6 @@
 """Offline evaluation: densities on a grid, sample distances, feature-based metrics and OOD scores."""
 
+from .backbones import TransformersFeatures  # noqa: F401
 from .classifier import (  # noqa: F401
     ClassifierFeatures,
     ImageClassifier,
