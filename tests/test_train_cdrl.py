@@ -111,7 +111,7 @@ def test_default_run_exports_a_loadable_pipeline_with_a_model_card(default_run):
     images = pipe(batch_size=2, generator=torch.manual_seed(0), output_type="np").images
     assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
     card = ModelCard.load(output_dir / "README.md")
-    assert card.data.library_name == "diffusers" and card.data.datasets == ["cdrl-shapes"]
+    assert card.data.library_name == "cdrl_diffusers" and card.data.datasets is None  # embedded data: no Hub id
     assert "![samples](samples.png)" in card.text and "Optimisation steps | 6" in card.text
     assert "Skipped non-finite steps | 1" in card.text
     assert PIL.Image.open(output_dir / "samples.png").size[0] > 0
