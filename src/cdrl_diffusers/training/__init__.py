@@ -1,5 +1,6 @@
 """Training CDRL: the cooperative step of Algorithm 1 and the optimisation schedule of App. A.2."""
 
+from .health import DivergenceError, TrainingHealthMonitor
 from .step import (
     LEVEL_METRICS,
     CDRLTrainingOutput,
@@ -12,6 +13,8 @@ from .step import (
 __all__ = [
     "LEVEL_METRICS",
     "CDRLTrainingOutput",
+    "DivergenceError",
+    "TrainingHealthMonitor",
     "cdrl_training_step",
     "create_ema_model",
     "drop_labels",
