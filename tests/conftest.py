@@ -74,6 +74,9 @@ class QuadraticEnergy(ModelMixin, ConfigMixin):
         rows = 1 if num_class_embeds is None else num_class_embeds + 1
         self.means = torch.nn.Parameter(torch.arange(rows * data_dim, dtype=torch.float32).view(rows, data_dim) / 10)
 
+    def embed_condition(self, logsnr, class_labels=None):
+        return None  # nothing of f_hat depends on (log-SNR, class) alone
+
     def mean_of(self, class_labels):
         if class_labels is None:
             return self.means[-1]
@@ -114,6 +117,9 @@ class QuadraticImageEnergy(ModelMixin, ConfigMixin):
         super().__init__()
         # One mean per class, the last one for the null class (unconditional term).
         self.means = torch.nn.Parameter(torch.tensor(class_means, dtype=torch.float32))
+
+    def embed_condition(self, logsnr, class_labels=None):
+        return None  # nothing of f_hat depends on (log-SNR, class) alone
 
     def forward(self, sample, logsnr, class_labels=None, return_dict=True):
         mean = self.means[-1] if class_labels is None else self.means[class_labels].view(-1, 1, 1, 1)

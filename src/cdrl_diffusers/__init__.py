@@ -6,11 +6,11 @@ looking them up in this module, so ``CDRLPipeline.from_pretrained`` needs them i
 
 __version__ = "0.1.0"
 
+from .acceleration import fold_spectral_norm
 from .guidance import ConditionWeights
 from .model_card import create_model_card
 from .models import EnergyMLP, EnergyModel, EnergyModelOutput, InitializerMLP, InitializerOutput, InitializerUNet
 from .pipelines import CDRLComposePipeline, CDRLInpaintPipeline, CDRLPipeline
-from .sampling import CDRLSampler, LevelSample
 from .schedulers import CDRLScheduler, LangevinCoefficients
 from .training import (
     CDRLTrainingOutput,
@@ -24,7 +24,6 @@ __all__ = [
     "CDRLComposePipeline",
     "CDRLInpaintPipeline",
     "CDRLPipeline",
-    "CDRLSampler",
     "CDRLScheduler",
     "CDRLTrainingOutput",
     "ConditionWeights",
@@ -35,10 +34,10 @@ __all__ = [
     "InitializerOutput",
     "InitializerUNet",
     "LangevinCoefficients",
-    "LevelSample",
     "cdrl_training_step",
     "create_ema_model",
     "create_model_card",
     "drop_labels",
+    "fold_spectral_norm",
     "warmup_multiplier",
 ]

@@ -1,8 +1,9 @@
-"""Which conditions enter the energy and the initializer, and with which weights (SPEC §8).
+"""Which conditions enter the energy and the initializer, and with which weights (Sec. 3.5-3.6, Eq. 11-14).
 
 One rule covers classifier-free guidance and composition: conditional terms with weights gamma_i and an
 unconditional (null-class) term with weight gamma_0, applied to f_hat inside Langevin and the Tweedie step and to
 the initializer mean g. All terms are evaluated in one batched forward pass (``weighted_model_output``).
+The pipelines check the user's labels and weights in ``check_inputs``; nothing here checks them again.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from .validation import check_number
 
 
 @dataclass(frozen=True)
@@ -29,21 +28,6 @@ class ConditionWeights:
     class_labels: tuple[torch.Tensor, ...]
     weights: tuple[float, ...]
     unconditional_weight: float
-
-    def __post_init__(self) -> None:
-        if len(self.class_labels) != len(self.weights):
-            raise ValueError(
-                f"Got {len(self.class_labels)} label tensors for {len(self.weights)} weights; pass one per term."
-            )
-        for labels in self.class_labels:
-            if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
-                kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-                raise TypeError(f"`class_labels` must be integer tensors of shape (batch,), got {kind}.")
-            if labels.ndim != 1:
-                raise ValueError(f"`class_labels` must have shape (batch,), got {tuple(labels.shape)}.")
-        for weight in self.weights:
-            check_number(weight, "weights")
-        check_number(self.unconditional_weight, "unconditional_weight")
 
     @classmethod
     def unconditional(cls) -> ConditionWeights:
@@ -61,7 +45,6 @@ class ConditionWeights:
 
         ``guidance_scale`` is the paper's w; w = 0 gives the conditional model.
         """
-        guidance_scale = check_number(guidance_scale, "guidance_scale", minimum=0.0)
         return cls((class_labels,), (1.0 + guidance_scale,), -guidance_scale)
 
     @classmethod
@@ -80,16 +63,8 @@ class ConditionWeights:
         (M - 1) log p(x) term: each concept is guided on its own and the guided experts are multiplied, so the
         unconditional weight is sum_i (1 - gamma_i), -M w by default, and the sum of f(x; c_i) at w = 0.
         """
-        if len(concept_labels) == 0:
-            raise ValueError("`concepts` must name at least one concept.")
-        guidance_scale = check_number(guidance_scale, "guidance_scale", minimum=0.0)
         if concept_weights is None:
             concept_weights = [1.0 + guidance_scale] * len(concept_labels)
-        elif len(concept_weights) != len(concept_labels):
-            raise ValueError(
-                f"`concept_weights` must have one weight per concept ({len(concept_labels)}), "
-                f"got {len(concept_weights)}."
-            )
         weights = tuple(float(weight) for weight in concept_weights)
         if product_of_experts:
             unconditional_weight = sum(1.0 - weight for weight in weights)
@@ -116,21 +91,11 @@ class ConditionWeights:
         """
         labels = [label.to(device) for label, weight in zip(self.class_labels, self.weights) if weight != 0.0]
         weights = [weight for weight in self.weights if weight != 0.0]
-        for label in labels:
-            if label.shape != (batch_size,):
-                raise ValueError(f"Class labels must have shape ({batch_size},), got {tuple(label.shape)}.")
         if null_label is None:
-            if labels:
-                raise ValueError(
-                    "Conditional terms (class labels, guidance or composition) need a class-conditional model, "
-                    "but this model is unconditional."
-                )
             return StackedTerms(labels=None, weights=torch.ones(1, device=device), is_single=True)
         if self.unconditional_weight != 0.0:
             labels.append(torch.full((batch_size,), null_label, dtype=torch.long, device=device))
             weights.append(self.unconditional_weight)
-        if not labels:
-            raise ValueError("Every condition weight is zero: at least one term must have a non-zero weight.")
         return StackedTerms(
             labels=torch.cat(labels),
             weights=torch.tensor(weights, dtype=torch.float32, device=device),
@@ -156,20 +121,33 @@ def null_label_of(model: nn.Module) -> int | None:
     return model.config.num_class_embeds
 
 
+def _terms_logsnr(logsnr: torch.Tensor, terms: StackedTerms, batch: int) -> torch.Tensor:
+    """lambda (a scalar, or one per example) repeated for the stacked batch of all terms: (num_terms * batch,)."""
+    return logsnr.expand(batch).repeat(terms.num_terms) if logsnr.ndim == 0 else logsnr.repeat(terms.num_terms)
+
+
+def embed_terms(energy_model: nn.Module, logsnr: torch.Tensor, terms: StackedTerms, batch: int) -> object:
+    """``energy_model.embed_condition`` for the stacked batch of all terms: the part of f_hat that depends on
+    (log-SNR, class) alone, which Algorithm 2 computes once per level and reuses for its K Langevin steps."""
+    return energy_model.embed_condition(_terms_logsnr(logsnr, terms, batch), terms.labels)
+
+
 def weighted_model_output(
-    model: nn.Module, sample: torch.Tensor, logsnr: torch.Tensor, terms: StackedTerms
+    model: nn.Module, sample: torch.Tensor, logsnr: torch.Tensor, terms: StackedTerms, condition: object = None
 ) -> torch.Tensor:
-    """sum_i gamma_i model(sample; logsnr, c_i), all terms in one batched forward pass (SPEC §8).
+    """sum_i gamma_i model(sample; logsnr, c_i), all terms in one batched forward pass (Eq. 11-14).
 
     The output is f_hat of shape (batch,) for an energy model and the proposal mean shaped like ``sample`` for an
-    initializer.
+    initializer. ``condition`` (energy models only) is ``embed_terms`` for the same log-SNR and terms.
     """
     num_terms = terms.num_terms
     if num_terms > 1:
         sample = sample.repeat(num_terms, *([1] * (sample.ndim - 1)))
-        if isinstance(logsnr, torch.Tensor) and logsnr.ndim == 1:
-            logsnr = logsnr.repeat(num_terms)
-    output = model(sample, logsnr, class_labels=terms.labels)
+    logsnr = _terms_logsnr(logsnr, terms, sample.shape[0] // num_terms)
+    if condition is None:
+        output = model(sample, logsnr, class_labels=terms.labels)
+    else:
+        output = model(sample, logsnr, class_labels=terms.labels, condition=condition)
     output = output.neg_energy if hasattr(output, "neg_energy") else output.sample
     if terms.is_single:
         return output

@@ -1,60 +1,39 @@
 """Algorithm 2: initializer proposals refined by Langevin dynamics, level by level, then one Tweedie step.
 
-This module holds the only Langevin loop of the library; pipelines, the training step, examples and benchmarks
-all call it. It works for any energy model/initializer pair (images or vectors) that follows the SPEC §9 contract.
+The pipelines build a ``CDRLSampler`` for one batch and run it; the training step (Algorithm 1) calls
+``langevin_refine`` for its negative samples. Both work for any energy model / initializer pair, images or vectors.
+Everything here trusts its callers: the pipelines check the user's arguments once, in ``check_inputs``.
 """
 
 from __future__ import annotations
 
-import copy
-import weakref
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .guidance import ConditionWeights, StackedTerms, null_label_of, weighted_model_output
-from .models.embeddings import ConditionEmbedding
+from .guidance import StackedTerms, embed_terms, weighted_model_output
 from .schedulers.scheduling_cdrl import CDRLScheduler, Timestep
-from .validation import as_device, check_finite, check_float_tensor, check_generator, check_positive_int
 
+Generator = torch.Generator | list[torch.Generator] | None
+# y_t -> y_t after the proposal and after every Langevin step (inpainting keeps the known pixels).
 Projection = Callable[[torch.Tensor, int], torch.Tensor]
-# (sample, logsnr) -> (f_hat of shape (batch,), grad_y f_hat in float32)
-EnergyGradient = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def precision_context(precision: str | None, device: torch.device | str) -> AbstractContextManager:
-    """Autocast for the network evaluations of sampling and training; the chain state stays float32.
-
-    ``None`` keeps the caller's setting (e.g. Accelerate's ``--mixed_precision``); ``"fp32"`` disables autocast;
-    ``"bf16"`` and ``"fp16"`` run convolutions and matrix products in that dtype. The Langevin state, the quadratic
-    recovery term, the noise and the Tweedie step are computed in float32 in every mode: the networks' outputs and
-    gradients are cast to float32 before they enter Eq. 5 and Eq. 18.
-    """
-    if precision is None:
-        return nullcontext()
-    if precision not in PRECISIONS:
-        raise ValueError(f"`precision` must be one of {tuple(PRECISIONS)} or None, got {precision!r}.")
-    device_type = torch.device(device).type
-    if precision == "fp32":
-        return torch.autocast(device_type, enabled=False)
-    return torch.autocast(device_type, dtype=PRECISIONS[precision], cache_enabled=False)
+# (y, lambda_t) -> grad_y f_hat(y; lambda_t) in float32; ``energy_gradient`` or a CUDA graph of it.
+EnergyGradient = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @contextmanager
 def frozen(*models: nn.Module) -> Iterator[None]:
-    """Eval mode, no parameter gradients, spectral-norm weights and conditioning computed once; restored afterwards.
+    """Eval mode, no parameter gradients and spectral-norm weights computed once; all restored afterwards.
 
-    Langevin dynamics needs grad_y f_hat only (SPEC §4): parameters never accumulate gradients and no graph is built
-    for them; the normalised weights do not change during sampling, so ``parametrize.cached`` evaluates each
-    parametrisation once per context instead of once per forward pass, and the log-SNR/class embeddings of the
-    models (``ConditionEmbedding.cached``) are computed once per level instead of once per Langevin step.
+    Langevin dynamics needs grad_y f_hat alone: parameters accumulate no gradients and no graph is built for them.
+    The normalised weights do not change while the models are frozen, so ``parametrize.cached`` evaluates each
+    spectral norm once per context instead of once per forward pass.
     """
     modes = [(module, module.training) for model in models for module in model.modules()]
     flags = [(param, param.requires_grad) for model in models for param in model.parameters()]
@@ -63,10 +42,7 @@ def frozen(*models: nn.Module) -> Iterator[None]:
     for param, _ in flags:
         param.requires_grad_(False)
     try:
-        with parametrize.cached(), ExitStack() as caches:
-            for module, _ in modes:
-                if isinstance(module, ConditionEmbedding):
-                    caches.enter_context(module.cached())
+        with parametrize.cached():
             yield
     finally:
         for param, requires_grad in flags:
@@ -75,122 +51,33 @@ def frozen(*models: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _model_input(model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
-    """The chain state stays float32; a half-precision model (without autocast) gets its own dtype."""
+def model_input(model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
+    """The chain state stays float32; a model cast to another dtype (``pipe.to(dtype)``) gets its own dtype.
+
+    Under ``torch.autocast`` the input stays float32: autocast picks the dtype of each operation.
+    """
     dtype = getattr(model, "dtype", torch.float32)
-    return sample if torch.is_autocast_enabled() or dtype == sample.dtype else sample.to(dtype)
+    return sample if torch.is_autocast_enabled(sample.device.type) or dtype == sample.dtype else sample.to(dtype)
 
 
-def neg_energy_and_grad(
-    energy_model: nn.Module, sample: torch.Tensor, logsnr: torch.Tensor, terms: StackedTerms
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (guided) f_hat(y) of shape (batch,) and grad_y f_hat(y) in float32, with a graph for y alone."""
+def energy_gradient(
+    energy_model: nn.Module, sample: torch.Tensor, logsnr: torch.Tensor, terms: StackedTerms, condition: object = None
+) -> torch.Tensor:
+    """grad_y of the guided f_hat(y; lambda_t) (Eq. 11 and 14), in float32, with a graph for y alone.
+
+    ``condition`` is ``embed_terms(energy_model, logsnr, terms, batch)``, computed once per level.
+    """
     with torch.enable_grad():
         sample = sample.detach().requires_grad_(True)
-        neg_energy = weighted_model_output(energy_model, _model_input(energy_model, sample), logsnr, terms).float()
-        (grad,) = torch.autograd.grad(neg_energy.sum(), sample)
-    return neg_energy.detach(), grad.float()
+        neg_energy = weighted_model_output(energy_model, model_input(energy_model, sample), logsnr, terms, condition)
+        (grad,) = torch.autograd.grad(neg_energy.float().sum(), sample)
+    return grad.float()
 
 
-class CUDAGraphEnergyGradient:
-    """``neg_energy_and_grad`` replayed from one CUDA graph: the forward and input-gradient pass of the EBM.
-
-    Captured at the first call (after two warm-up passes on a side stream) and replayed at every later Langevin
-    step and level of the sampling call, which removes the per-kernel launch cost of the ~100-layer network. The
-    chain state and log-SNR are copied into static buffers; the noise and the Langevin update stay outside the
-    graph, so random streams are those of the eager path. Use it inside one ``frozen`` context (the graph reads the
-    cached spectral-norm weights) and consume each returned gradient before the next call: it is a static buffer.
-
-    Args:
-        energy_model: the EBM f_hat on a CUDA device.
-        terms: the guidance terms of the sampling call.
-        sample_shape: the shape of the chain state (batch, ...).
-        device: the CUDA device.
-    """
-
-    def __init__(self, energy_model: nn.Module, terms: StackedTerms, sample_shape: torch.Size, device: torch.device):
-        if torch.device(device).type != "cuda":
-            raise ValueError(f"CUDA-graph capture needs a CUDA device, got {device}.")
-        self.energy_model = energy_model
-        self.terms = terms
-        self.static_sample = torch.zeros(sample_shape, device=device)
-        self.static_logsnr = torch.zeros(sample_shape[0], device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return neg_energy_and_grad(self.energy_model, self.static_sample, self.static_logsnr, self.terms)
-
-    def _capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._evaluate()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self._evaluate()
-
-    def __call__(self, sample: torch.Tensor, logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.static_sample.copy_(sample)
-        self.static_logsnr.copy_(torch.as_tensor(logsnr, device=sample.device).expand(sample.shape[0]))
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.outputs
-
-
-_COMPILED_COPIES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
-
-
-def _copy_weights(source: nn.Module, target: nn.Module, assign: bool) -> None:
-    """Parameters and buffers of ``target`` from the same-named, possibly parametrised, tensors of ``source``."""
-    sources = dict(source.named_modules())
-    with torch.no_grad():
-        for name, module in target.named_modules():
-            for key, value in list(module._parameters.items()) + list(module._buffers.items()):
-                if value is None:
-                    continue
-                current = getattr(sources[name], key)
-                if not assign:
-                    value.copy_(current)
-                elif key in module._parameters:
-                    module._parameters[key] = nn.Parameter(current.detach().clone(), requires_grad=False)
-                else:
-                    module._buffers[key] = current.detach().clone()
-
-
-def compiled_for_sampling(model: nn.Module) -> nn.Module:
-    """A ``torch.compile``d inference copy of ``model`` with its spectral-norm weights folded in.
-
-    Spectral normalisation is a parametrisation, which ``torch.compile`` would retrace at every change of the
-    parametrisation cache; the copy is the same architecture built with ``use_spectral_norm=False`` that holds the
-    normalised weights as plain tensors. It is made and compiled once per model (the first call pays the compilation)
-    and refreshed in place from the model's current weights at every call, so it follows training.
-    """
-    compiled = _COMPILED_COPIES.get(model)
-    if compiled is not None:
-        _copy_weights(model, compiled, assign=False)
-        return compiled.eval()
-    if any(parametrize.is_parametrized(module) for module in model.modules()):
-        config = getattr(model, "config", {})
-        if "use_spectral_norm" not in config:
-            raise ValueError(
-                f"`torch_compile` needs a model without parametrisations or with a `use_spectral_norm` config option, "
-                f"got {type(model).__name__}."
-            )
-        compiled = type(model).from_config(config, use_spectral_norm=False)
-        _copy_weights(model, compiled, assign=True)
-    else:
-        compiled = copy.deepcopy(model)
-        for module in compiled.modules():
-            if isinstance(module, ConditionEmbedding):
-                module._cache = None  # a copy made inside `frozen` must not share the open cache
-    compiled.requires_grad_(False).eval()
-    compiled.compile(dynamic=False)
-    _COMPILED_COPIES[model] = compiled
-    return compiled
+def level_gradient(energy_model: nn.Module, logsnr: torch.Tensor, terms: StackedTerms, batch: int) -> EnergyGradient:
+    """``energy_gradient`` for one level, with the (log-SNR, class) conditioning embedded once for its K steps."""
+    condition = embed_terms(energy_model, logsnr, terms, batch)
+    return partial(energy_gradient, energy_model, terms=terms, condition=condition)
 
 
 def langevin_refine(
@@ -201,33 +88,28 @@ def langevin_refine(
     timestep: Timestep,
     terms: StackedTerms,
     num_langevin_steps: int | None = None,
-    generator: torch.Generator | list[torch.Generator] | None = None,
+    generator: Generator = None,
     project: Projection | None = None,
     gradient: EnergyGradient | None = None,
 ) -> torch.Tensor:
-    """K' Langevin steps on the conditional EBM of pair t, starting from ``sample`` (Eq. 5).
+    """K' Langevin steps (Eq. 5) on the conditional EBM of pair t, starting from ``sample`` = y_t.
 
-    The caller runs this inside ``frozen(energy_model)``. ``timestep`` is an int or one pair index per example (the
-    training step mixes levels in a batch). ``project`` (inpainting) is applied after every step. With
-    ``num_langevin_steps=None`` the trained K is used; other values apply the sampling adjustment (Sec. 4.2).
-    ``gradient(sample, logsnr)`` replaces ``neg_energy_and_grad`` on ``energy_model`` (a compiled copy or a CUDA
-    graph of it). The per-level constants (step coefficients, log-SNR) are computed once, before the loop.
+    Run inside ``frozen(energy_model)``. ``timestep`` is an int or one pair index per example (the training step
+    mixes levels in a batch). ``num_langevin_steps=None`` uses the trained K; other values apply the sampling
+    adjustment of Sec. 4.2, and 0 returns ``sample`` unchanged. ``gradient`` replaces ``energy_gradient`` (e.g. a
+    CUDA graph of it, see ``acceleration``). ``project`` (inpainting) is applied after every step.
     """
     steps = scheduler.config.num_langevin_steps if num_langevin_steps is None else num_langevin_steps
     if steps == 0:
         return sample
-    if gradient is None:
-
-        def gradient(sample: torch.Tensor, logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return neg_energy_and_grad(energy_model, sample, logsnr, terms)
-
-    coefficients = scheduler.langevin_coefficients(timestep, sample, num_langevin_steps)
     logsnr = scheduler.energy_logsnr(timestep, device=sample.device)
+    if gradient is None:
+        gradient = level_gradient(energy_model, logsnr, terms, sample.shape[0])
+    coefficients = scheduler.langevin_coefficients(timestep, sample, num_langevin_steps)
     sample = sample.float()
     for _ in range(steps):
-        _, grad = gradient(sample, logsnr)
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
-        sample = coefficients.step(sample, grad, noisier, noise)
+        sample = coefficients.step(sample, gradient(sample, logsnr), noisier, noise)
         if project is not None:
             sample = project(sample, timestep)
     return sample
@@ -239,7 +121,7 @@ class LevelSample:
 
     Args:
         timestep: the pair index t.
-        proposal: the initializer's proposal y_hat_t / input_scale_t.
+        proposal: the initializer's proposal y_hat_t / input_scale_t (x_{t+1} itself without the initializer).
         sample: x_t = y_t / input_scale_t after Langevin refinement.
     """
 
@@ -248,122 +130,61 @@ class LevelSample:
     sample: torch.Tensor
 
 
+@dataclass
 class CDRLSampler:
-    """Algorithm 2 for one energy model and initializer, with guidance/composition weights (SPEC §7-8).
+    """Algorithm 2 for one batch: an energy model, an initializer and the guidance terms of each (Sec. 3.5-3.6).
 
     Args:
         energy_model: the EBM f_hat.
         initializer: the initializer g.
         scheduler: the ``CDRLScheduler`` the models were trained with.
-        energy_weights: which conditions enter f_hat, with which weights.
-        initializer_weights: which conditions enter g (for an unconditional initializer: the unconditional term).
+        energy_terms: the (guided or composed) terms of f_hat, ``ConditionWeights.stack``.
+        initializer_terms: the terms of the initializer's mean.
         num_langevin_steps: K' per level; ``None`` is the trained K, 0 keeps the initializer's proposals.
+        use_initializer: ``False`` starts each level's Langevin chain at x_{t+1} (the "Langevin alone" ablation).
         generator: makes the run reproducible.
-        project: optional map applied to y_t after the proposal and after every Langevin step (inpainting).
-        use_initializer: ``False`` starts every level's Langevin chain at x_{t+1} instead of the initializer's
-            proposal (the "Langevin alone" ablation of App. F).
-        precision: autocast dtype of the network evaluations (``precision_context``): ``None`` keeps the caller's,
-            ``"fp32"``, ``"bf16"`` or ``"fp16"``. The chain state, quadratic term and noise stay float32.
-        torch_compile: evaluate the EBM through ``compiled_for_sampling`` (``torch.compile``; the first call compiles).
-        cuda_graph: on a CUDA device, replay the EBM's forward and input-gradient pass from a CUDA graph
-            (``CUDAGraphEnergyGradient``), captured once per ``run``.
+        project: applied to y_t after the proposal and after every Langevin step (inpainting).
+        gradient: replaces ``energy_gradient`` at every level (a CUDA graph of it, ``acceleration``).
     """
 
-    def __init__(
-        self,
-        energy_model: nn.Module,
-        initializer: nn.Module,
-        scheduler: CDRLScheduler,
-        energy_weights: ConditionWeights,
-        initializer_weights: ConditionWeights,
-        batch_size: int,
-        device: torch.device,
-        num_langevin_steps: int | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        project: Projection | None = None,
-        use_initializer: bool = True,
-        precision: str | None = None,
-        torch_compile: bool = False,
-        cuda_graph: bool = False,
-    ):
-        if num_langevin_steps is not None and (
-            isinstance(num_langevin_steps, bool) or not isinstance(num_langevin_steps, int) or num_langevin_steps < 0
-        ):
-            raise ValueError(f"`num_langevin_steps` must be a non-negative integer, got {num_langevin_steps!r}.")
-        if num_langevin_steps == 0 and not use_initializer:
-            raise ValueError("With `use_initializer=False`, `num_langevin_steps` must be at least 1.")
-        check_positive_int(batch_size, "batch_size")
-        check_generator(generator)
-        for name, weights in (("energy_weights", energy_weights), ("initializer_weights", initializer_weights)):
-            if not isinstance(weights, ConditionWeights):
-                raise TypeError(f"`{name}` must be a ConditionWeights, got {type(weights).__name__}.")
-        device = as_device(device)
-        precision_context(precision, device)  # validates `precision`
-        if cuda_graph and torch.device(device).type != "cuda":
-            raise ValueError(f"`cuda_graph=True` needs a CUDA device, got {device}.")
-        self.energy_model = energy_model
-        self.initializer = initializer
-        self.scheduler = scheduler
-        self.energy_terms = energy_weights.stack(null_label_of(energy_model), batch_size, device)
-        self.initializer_terms = initializer_weights.stack(null_label_of(initializer), batch_size, device)
-        self.num_langevin_steps = num_langevin_steps
-        self.generator = generator
-        self.project = project
-        self.use_initializer = use_initializer
-        self.batch_size = batch_size
-        self.device = device
-        self.precision = precision
-        self.torch_compile = torch_compile
-        self.cuda_graph = cuda_graph
-        self._gradient: EnergyGradient | None = None
-
-    @contextmanager
-    def _evaluating(self, *models: nn.Module) -> Iterator[None]:
-        with frozen(*models), precision_context(self.precision, self.device):
-            yield
-
-    def _energy_gradient(self, sample: torch.Tensor) -> EnergyGradient:
-        """grad_y f_hat for this call: eager, compiled or CUDA-graphed (one per ``run``)."""
-        if self._gradient is not None:
-            return self._gradient
-        energy_model = compiled_for_sampling(self.energy_model) if self.torch_compile else self.energy_model
-        if self.cuda_graph:
-            return CUDAGraphEnergyGradient(energy_model, self.energy_terms, sample.shape, sample.device)
-
-        def gradient(sample: torch.Tensor, logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return neg_energy_and_grad(energy_model, sample, logsnr, self.energy_terms)
-
-        return gradient
+    energy_model: nn.Module
+    initializer: nn.Module
+    scheduler: CDRLScheduler
+    energy_terms: StackedTerms
+    initializer_terms: StackedTerms
+    num_langevin_steps: int | None = None
+    use_initializer: bool = True
+    generator: Generator = None
+    project: Projection | None = None
+    gradient: EnergyGradient | None = None
 
     def propose(self, noisier: torch.Tensor, timestep: int) -> torch.Tensor:
         """y_hat_t = g(x_{t+1}) + sigma_tilde_t eps with the guided mean (Eq. 6 and 12), in chain space."""
         if not self.use_initializer:
-            return noisier.float()
+            return noisier
         logsnr = self.scheduler.initializer_logsnr(timestep, device=noisier.device)
-        mean = weighted_model_output(
-            self.initializer, _model_input(self.initializer, noisier), logsnr, self.initializer_terms
-        ).float()
+        model = self.initializer
+        mean = weighted_model_output(model, model_input(model, noisier), logsnr, self.initializer_terms).float()
         noise = randn_tensor(mean.shape, generator=self.generator, device=mean.device, dtype=torch.float32)
         return self.scheduler.initializer_proposal(mean, timestep, noise)
 
     def level(self, noisier: torch.Tensor, timestep: int) -> LevelSample:
-        """One level of Algorithm 2: propose y_t from x_{t+1}, refine it by Langevin, return x_t."""
-        with self._evaluating(self.energy_model, self.initializer):
-            proposal = self.propose(noisier, timestep)
-            if self.project is not None:
-                proposal = self.project(proposal, timestep)
-            refined = langevin_refine(
-                self.energy_model,
-                self.scheduler,
-                proposal,
-                noisier.float(),
-                timestep,
-                self.energy_terms,
-                self.num_langevin_steps,
-                self.generator,
-                self.project,
-                gradient=self._energy_gradient(proposal),
-            )
+        """One level of Algorithm 2: propose y_t from x_{t+1}, refine it by Langevin (Eq. 5), return x_t."""
+        proposal = self.propose(noisier, timestep)
+        if self.project is not None:
+            proposal = self.project(proposal, timestep)
+        refined = langevin_refine(
+            self.energy_model,
+            self.scheduler,
+            proposal,
+            noisier,
+            timestep,
+            self.energy_terms,
+            self.num_langevin_steps,
+            self.generator,
+            self.project,
+            self.gradient,
+        )
         return LevelSample(
             timestep=timestep,
             proposal=self.scheduler.from_chain_space(proposal, timestep),
@@ -372,40 +193,25 @@ class CDRLSampler:
 
     def denoise(self, sample: torch.Tensor) -> torch.Tensor:
         """The final Tweedie step on x_0 with the guided level-0 energy (Eq. 18)."""
-        with self._evaluating(self.energy_model):
-            chain = self.scheduler.to_chain_space(sample.float(), 0)
-            logsnr = self.scheduler.energy_logsnr(0, device=sample.device)
-            _, grad = self._energy_gradient(chain)(chain, logsnr)
-            return self.scheduler.tweedie_denoise(sample, grad)
+        chain = self.scheduler.to_chain_space(sample, 0)
+        logsnr = self.scheduler.energy_logsnr(0, device=sample.device)
+        gradient = self.gradient or level_gradient(self.energy_model, logsnr, self.energy_terms, sample.shape[0])
+        return self.scheduler.tweedie_denoise(sample, gradient(chain, logsnr))
 
     def run(
-        self,
-        latents: torch.Tensor,
-        callback: Callable[[int, LevelSample], torch.Tensor | None] | None = None,
-        denoise: bool = True,
+        self, latents: torch.Tensor, callback: Callable[[int, LevelSample], torch.Tensor | None] | None = None
     ) -> torch.Tensor:
-        """All levels from x_T = ``latents`` down to x_0, then the Tweedie step (Algorithm 2, Eq. 18).
+        """All levels from x_T = ``latents`` (float32) down to x_0, then the Tweedie step (Algorithm 2, Eq. 18).
 
         ``callback(index, level_sample)`` runs after each level; a tensor it returns replaces x_t. The models stay
-        frozen for the whole call, so spectral-norm weights are computed once per call, not once per level.
+        frozen for the whole call, so the spectral-norm weights are computed once per call.
         """
-        check_float_tensor(latents, "latents")
-        if latents.ndim < 2 or latents.shape[0] != self.batch_size:
-            raise ValueError(
-                f"`latents` must hold `batch_size` = {self.batch_size} samples, got shape {tuple(latents.shape)}."
-            )
-        check_finite(latents, "latents")
         sample = latents
-        with self._evaluating(self.energy_model, self.initializer):
-            self._gradient = self._energy_gradient(latents)
-            try:
-                for index, timestep in enumerate(self.scheduler.timesteps.tolist()):
-                    level = self.level(sample, timestep)
-                    sample = level.sample
-                    if callback is not None:
-                        replaced = callback(index, level)
-                        if replaced is not None:
-                            sample = replaced
-                return self.denoise(sample) if denoise else sample
-            finally:
-                self._gradient = None
+        with frozen(self.energy_model, self.initializer):
+            for index, timestep in enumerate(self.scheduler.timesteps.tolist()):
+                level = self.level(sample, timestep)
+                sample = level.sample
+                if callback is not None:
+                    replaced = callback(index, level)
+                    sample = sample if replaced is None else replaced
+            return self.denoise(sample)

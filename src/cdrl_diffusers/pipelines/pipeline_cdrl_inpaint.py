@@ -1,25 +1,35 @@
-"""CDRLInpaintPipeline: fill a masked region with a trained CDRL model (App. C, SPEC §8)."""
+"""CDRLInpaintPipeline: fill a masked region with a trained CDRL model (App. C)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import replace_example_docstring
+from torch import nn
 
 from ..guidance import ConditionWeights
-from ..models.energy_model import EnergyModel
-from ..models.initializer_unet import InitializerUNet
-from ..sampling import CDRLSampler
 from ..schedulers.scheduling_cdrl import CDRLScheduler
-from .pipeline_cdrl import CDRLPipeline, ClassLabels, ImageInput
+from .common import Callback, CDRLPipelineMixin, ClassLabels, Generator, ImageInput
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from cdrl_diffusers import CDRLInpaintPipeline
+
+        >>> pipe = CDRLInpaintPipeline.from_pretrained("outputs/cdrl-shapes")
+        >>> image = torch.zeros(1, 3, 32, 32)  # an observation in [-1, 1]
+        >>> mask = torch.zeros(32, 32)
+        >>> mask[8:24, 8:24] = 1  # 1 = generate, 0 = keep
+        >>> filled = pipe(image, mask, generator=torch.Generator().manual_seed(0)).images[0]
+        ```
+"""
 
 
-class CDRLInpaintPipeline(CDRLPipeline):
+class CDRLInpaintPipeline(CDRLPipelineMixin, DiffusionPipeline):
     r"""Inpainting with a CDRL model: the masked region is generated, the rest of the image is kept (App. C).
 
     Sampling starts from the observation noised to the last level. After the initializer's proposal and after every
@@ -30,19 +40,44 @@ class CDRLInpaintPipeline(CDRLPipeline):
     Loads from any folder saved by a CDRL pipeline: ``CDRLInpaintPipeline.from_pretrained(path)``.
 
     Args:
-        energy_model: the EBM f_hat(y; lambda) (``EnergyModel``).
-        initializer: the initializer g(x; lambda) (``InitializerUNet``).
-        scheduler: the ``CDRLScheduler`` the models were trained with.
+        energy_model (`EnergyModel`): the EBM f_hat(y; lambda).
+        initializer (`InitializerUNet`): the initializer g(x; lambda).
+        scheduler (`CDRLScheduler`): the noise levels and Langevin constants the models were trained with.
     """
 
-    def __init__(self, energy_model: EnergyModel, initializer: InitializerUNet, scheduler: CDRLScheduler):
-        super().__init__(energy_model=energy_model, initializer=initializer, scheduler=scheduler)
+    def __init__(self, energy_model: nn.Module, initializer: nn.Module, scheduler: CDRLScheduler):
+        super().__init__()
+        self._register_components(energy_model, initializer, scheduler)
         self.mask_processor = VaeImageProcessor(
             do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
 
-    def _prepare_mask(self, mask_image: ImageInput, size: tuple[int, int]) -> torch.Tensor:
-        """A binary (batch, 1, H, W) float mask, 1 = generate, from PIL / numpy / tensors in [0, 1]."""
+    def check_inputs(
+        self,
+        class_labels: ClassLabels | None,
+        guidance_scale: float,
+        num_langevin_steps: int | None,
+        use_initializer: bool,
+        generator: Generator,
+        output_type: str,
+        callback_on_step_end: Callback | None,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> None:
+        """Check the arguments of ``__call__`` (the image, mask and labels are checked as they are prepared)."""
+        self.check_sampling_inputs(
+            guidance_scale,
+            num_langevin_steps,
+            use_initializer,
+            generator,
+            output_type,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+        if guidance_scale > 0 and class_labels is None:
+            raise ValueError(f"`guidance_scale={guidance_scale}` needs `class_labels` to guide towards.")
+
+    def prepare_mask(self, mask_image: ImageInput, size: tuple[int, int]) -> torch.Tensor:
+        """A binary (batch, 1, H, W) float mask, 1 = generate, from PIL / numpy / tensors in [0, 1], checked."""
         items = mask_image if isinstance(mask_image, list) else [mask_image]
         if len(items) == 0:
             raise ValueError("`mask_image` must not be empty.")
@@ -51,17 +86,15 @@ class CDRLInpaintPipeline(CDRLPipeline):
             raise TypeError(f"`mask_image` must be PIL images, numpy arrays or tensors, got {', '.join(kinds)}.")
         arrays = []
         for item in items:
-            if isinstance(item, PIL.Image.Image):
-                arrays.append(item)
-                continue
-            item = item.float() if isinstance(item, torch.Tensor) else item.astype(np.float32)
-            if (item.numel() if isinstance(item, torch.Tensor) else item.size) == 0:
-                raise ValueError("`mask_image` must not be empty.")
-            if not (item.min() >= 0 and item.max() <= 1):  # also rejects NaN
-                raise ValueError(
-                    f"`mask_image` values must lie in [0, 1] (1 = generate, 0 = keep), got [{item.min()}, "
-                    f"{item.max()}]."
-                )
+            if not isinstance(item, PIL.Image.Image):
+                item = item.float() if isinstance(item, torch.Tensor) else item.astype(np.float32)
+                if (item.numel() if isinstance(item, torch.Tensor) else item.size) == 0:
+                    raise ValueError("`mask_image` must not be empty.")
+                if not (item.min() >= 0 and item.max() <= 1):  # also rejects NaN
+                    raise ValueError(
+                        f"`mask_image` values must lie in [0, 1] (1 = generate, 0 = keep), got [{item.min()}, "
+                        f"{item.max()}]."
+                    )
             arrays.append(item)
         mask = self.mask_processor.preprocess(arrays if isinstance(mask_image, list) else arrays[0]).float()
         if mask.ndim != 4 or tuple(mask.shape[1:]) != (1, *size) or mask.shape[0] == 0:
@@ -69,7 +102,7 @@ class CDRLInpaintPipeline(CDRLPipeline):
                 f"`mask_image` must hold one grayscale mask of the image's size {size[0]}x{size[1]} per image, "
                 f"i.e. (H, W), (batch, H, W) or (batch, 1, H, W); it became shape {tuple(mask.shape)}."
             )
-        return mask
+        return mask.to(self._execution_device)
 
     @staticmethod
     def _broadcast(tensors: dict[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
@@ -86,6 +119,7 @@ class CDRLInpaintPipeline(CDRLPipeline):
         return out
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         image: ImageInput,
@@ -93,83 +127,87 @@ class CDRLInpaintPipeline(CDRLPipeline):
         class_labels: ClassLabels | None = None,
         guidance_scale: float = 0.0,
         num_langevin_steps: int | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        use_initializer: bool = True,
+        generator: Generator = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end: Callback | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
-        precision: str | None = None,
-        torch_compile: bool = False,
-        cuda_graph: bool = False,
     ) -> ImagePipelineOutput | tuple:
         r"""Inpaint the masked region of ``image`` (App. C).
 
         Args:
-            image: the observation: tensors in [-1, 1] (NCHW or CHW), or PIL images / numpy arrays (HWC, NHWC) in
-                [0, 1]; one image or a batch. Its pixels under the mask are never read.
-            mask_image: white / 1 = generate, black / 0 = keep. PIL images, numpy arrays or tensors in [0, 1] of the
-                image's size, (H, W), (batch, H, W) or (batch, 1, H, W); binarised at 0.5 and broadcast over channels.
-                A single image or mask is repeated to match the other's batch.
-            class_labels: for class-conditional models, a label (int or class name) or one per image; ``None`` uses
-                the unconditional (null-class) model.
-            guidance_scale: the classifier-free guidance strength w (Eq. 11-12); needs ``class_labels``.
-            num_langevin_steps: K' Langevin steps per level (Sec. 4.2 sampling adjustment when K' differs from K).
-            generator: a ``torch.Generator`` (or one per image) for reproducible results.
-            output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]) or ``"pt"`` (NCHW in [0, 1]).
-            return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
-            callback_on_step_end: called after each noise level as ``callback(pipe, index, t, callback_kwargs)``;
-                a returned ``"latents"`` replaces x_t.
-            callback_on_step_end_tensor_inputs: tensors passed in ``callback_kwargs`` (only ``"latents"``).
-            precision: autocast dtype of the networks, as in ``CDRLPipeline.__call__``.
-            torch_compile: run the EBM through a compiled copy, as in ``CDRLPipeline.__call__``.
-            cuda_graph: replay the EBM's forward and input gradient from a CUDA graph (CUDA only).
+            image (`torch.Tensor`, `PIL.Image.Image`, `np.ndarray` or a list of them): the observation: tensors in
+                [-1, 1] (NCHW or CHW), or PIL images / numpy arrays (HWC, NHWC) in [0, 1]; one image or a batch. Its
+                pixels under the mask are never read.
+            mask_image (same types as ``image``): white / 1 = generate, black / 0 = keep, in [0, 1], of the image's
+                size: (H, W), (batch, H, W) or (batch, 1, H, W); binarised at 0.5 and broadcast over channels. A
+                single image or mask is repeated to match the other's batch.
+            class_labels (`int`, `str` or a list of them, *optional*): for class-conditional models, a label or one
+                per image; ``None`` uses the unconditional (null-class) model.
+            guidance_scale (`float`): the classifier-free guidance strength w (Eq. 11-12); needs ``class_labels``.
+            num_langevin_steps (`int`, *optional*): K' Langevin steps per level, as in ``CDRLPipeline.__call__``.
+            use_initializer (`bool`): ``False`` starts each level's Langevin chain at x_{t+1}.
+            generator (`torch.Generator` or a list of them, one per image): for reproducible results.
+            output_type (`str`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``, as in ``CDRLPipeline.__call__``.
+            return_dict (`bool`): return an ``ImagePipelineOutput`` rather than a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`): called after each noise
+                level as ``callback(pipe, index, t, callback_kwargs)``; a returned ``"latents"`` replaces x_t.
+            callback_on_step_end_tensor_inputs (`list[str]`): tensors passed in ``callback_kwargs`` (``"latents"``).
+
+        Examples:
+
+        Returns:
+            `ImagePipelineOutput` with ``images``, or a tuple ``(images,)`` when ``return_dict=False``.
         """
-        self._check_sampling_arguments(
-            guidance_scale, num_langevin_steps, output_type, callback_on_step_end_tensor_inputs
+        # 1. Check inputs
+        self.check_inputs(
+            class_labels,
+            guidance_scale,
+            num_langevin_steps,
+            use_initializer,
+            generator,
+            output_type,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
         )
-        if guidance_scale > 0 and class_labels is None:
-            raise ValueError(f"`guidance_scale={guidance_scale}` needs `class_labels` to guide towards.")
         device = self._execution_device
-        observed = self._as_model_input(image, "image")
-        if observed.abs().max() > 1:
-            raise ValueError(
-                f"`image` tensors must lie in [-1, 1], got [{observed.min().item()}, {observed.max().item()}]."
-            )
-        mask = self._prepare_mask(mask_image, tuple(observed.shape[-2:])).to(device)
+
+        # 2. Observation, mask and labels, broadcast to one batch
+        observed = self.preprocess(image, "image")
+        mask = self.prepare_mask(mask_image, tuple(observed.shape[-2:]))
         batch_size = max(observed.shape[0], mask.shape[0])
         labels = None
         if class_labels is not None:
-            labels, batch_size = self._class_labels(class_labels, batch_size, None, device)
+            labels, batch_size = self.prepare_class_labels(class_labels, batch_size, None, device)
         tensors = self._broadcast({"image": observed, "mask_image": mask}, batch_size)
         observed, generate = tensors["image"], tensors["mask_image"].bool().expand_as(tensors["image"])
-
         energy_weights = ConditionWeights.unconditional()
         if labels is not None:
             energy_weights = ConditionWeights.classifier_free_guidance(labels, float(guidance_scale))
-        # One eps for every level (SPEC §8): x_T and the known pixels of each y_t are noised with it.
-        noise = self._latents(batch_size, None, generator, device)
+
+        # 3. One eps for every level: x_T and the known pixels of each y_t are noised with it. The masked pixels of
+        #    the input are never read: x_T noises the observation with that region zeroed.
+        noise = self.prepare_latents(batch_size, generator, device)
         scheduler = self.scheduler
+        latents = scheduler.add_noise(observed.masked_fill(generate, 0.0), noise, scheduler.num_noise_levels)
 
         def keep_known(sample: torch.Tensor, timestep: int) -> torch.Tensor:
             known = scheduler.to_chain_space(scheduler.add_noise(observed, noise, timestep), timestep)
             return torch.where(generate, sample, known)
 
-        sampler = CDRLSampler(
-            self.energy_model,
-            self.initializer,
-            scheduler,
-            energy_weights=energy_weights,
-            initializer_weights=self._initializer_weights(energy_weights),
-            batch_size=batch_size,
-            device=device,
-            num_langevin_steps=num_langevin_steps,
-            generator=generator,
-            precision=precision,
-            torch_compile=torch_compile,
-            cuda_graph=cuda_graph,
+        # 4. Algorithm 2 with the known pixels projected after every step, and the Tweedie step
+        samples = self.run_sampler(
+            latents,
+            energy_weights,
+            self.guided_initializer_weights(energy_weights),
+            num_langevin_steps,
+            use_initializer,
+            generator,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
             project=keep_known,
         )
-        # The masked pixels of the input are never read: x_T noises the observation with that region zeroed.
-        latents = scheduler.add_noise(observed.masked_fill(generate, 0.0), noise, scheduler.num_noise_levels)
-        images = self._sample(sampler, latents, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        return self._output(torch.where(generate, images, observed), output_type, return_dict)
+
+        # 5. Outputs: the known pixels exactly as observed
+        return self.postprocess(torch.where(generate, samples, observed), output_type, return_dict)

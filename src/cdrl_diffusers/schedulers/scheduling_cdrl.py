@@ -1,8 +1,9 @@
 """The CDRL noise schedule and every per-level formula of the method.
 
-Index conventions (SPEC §1): noise *levels* k = 0..T, with level 0 slightly noisy data and level T close to pure
+Index conventions (Sec. 3.1): noise *levels* k = 0..T, with level 0 slightly noisy data and level T close to pure
 noise; *pairs* (EBM and initializer index) t = 0..T-1. Pair t refines the chain variable y_t = input_scale_t * x_t
-given x_{t+1}. All schedule math of the library lives here; models and pipelines only call these methods.
+given x_{t+1}. All schedule math of the library lives here; models and pipelines only call these methods. The
+constructor checks the configuration; the methods trust their callers (the pipelines and the training step).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..validation import as_device, check_float_tensor, check_number, check_positive_int, check_same_shape
+from ..validation import check_number, check_positive_int
 
 Timestep = int | torch.Tensor
 
@@ -30,7 +31,11 @@ class LangevinCoefficients:
     def step(
         self, sample: torch.Tensor, neg_energy_grad: torch.Tensor, noisier: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
-        """``y + gradient_scale grad f_hat - recovery_scale (y - x_{t+1}) + noise_scale eps``."""
+        """One Langevin step (Eq. 5): y + gradient_scale grad f_hat - recovery_scale (y - x_{t+1}) + noise_scale eps.
+
+        The only implementation of the update: sampling (Algorithm 2) and training (Algorithm 1) both call it, with
+        the constants of ``CDRLScheduler.langevin_coefficients``.
+        """
         return (
             sample
             + self.gradient_scale * neg_energy_grad
@@ -80,7 +85,7 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
     - ``alpha``, ``sigma`` (length T): alpha_{t+1} = alpha_bar_{t+1} / alpha_bar_t and
       sigma_{t+1} = sqrt(1 - alpha_{t+1}^2).
     - ``input_scale`` (length T): alpha_{t+1}, except 1 for the last pair, which models the marginal of x_{T-1}
-      (SPEC §3).
+      (it has no noisier level to recover from).
     - ``langevin_step_size`` (length T): s_t, with s_t^2 = c (sigma_bar_t / sigma_bar_0) sigma_{t+1}^2 for the image
       rule (App. A.2, Eq. 16, c = 4e-4) or s_t^2 = (c / sigma_bar_0) sigma_{t+1}^2 for the official 2-D toy rule.
     - ``initializer_std`` (length T): sigma_tilde_t = input_scale_t (sigma_bar_t / sigma_bar_{t+1}) sigma_{t+1}
@@ -100,7 +105,7 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
             (s_t^2 = c / sigma_bar_0 sigma_{t+1}^2, used by the official 2-D example with c = 2e-3).
         langevin_step_size_scale: c in the step-size rule.
         tweedie_coefficient: the multiplier of the score in the final Tweedie step (the paper's 2.0, App. A.2).
-        clip_sample: clamp the final samples to [-1, 1], the range of image data (SPEC §7).
+        clip_sample: clamp the final samples to [-1, 1], the range of image data.
     """
 
     config_name = "scheduler_config.json"
@@ -172,53 +177,24 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------------------------------
     # Indexing helpers
     # ----------------------------------------------------------------------------------------------------------------
-    def _validate_index(self, index: Timestep, name: str, upper: int) -> None:
-        if isinstance(index, bool) or not isinstance(index, (int, torch.Tensor)):
-            raise TypeError(f"`{name}` must be an int or an integer tensor, got {type(index).__name__}.")
-        if isinstance(index, torch.Tensor):
-            if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
-                raise TypeError(f"`{name}` must hold integer indices, got dtype {index.dtype}.")
-            if index.numel() == 0:
-                return
-            low, high = int(index.min()), int(index.max())
-        else:
-            low = high = index
-        if low < 0 or high > upper:
-            raise ValueError(f"`{name}` must lie in [0, {upper}], got values in [{low}, {high}].")
-
-    def _validate_timestep(self, timestep: Timestep) -> None:
-        self._validate_index(timestep, "timestep", self.num_noise_levels - 1)
-
     @staticmethod
-    def _gather(values: torch.Tensor, index: Timestep, like: torch.Tensor, name: str = "timestep") -> torch.Tensor:
+    def _gather(values: torch.Tensor, index: Timestep, like: torch.Tensor) -> torch.Tensor:
         """``values[index]`` on ``like``'s device, shaped to broadcast against ``like`` (batch first)."""
         values = values.to(like.device)
         if isinstance(index, int) or index.ndim == 0:
             return values[int(index)]
-        if index.shape != like.shape[:1]:
-            raise ValueError(
-                f"`{name}` of shape {tuple(index.shape)} does not match the batch of {like.shape[0]}: pass one index "
-                "or one per example."
-            )
         return values[index.to(like.device)].view(-1, *([1] * (like.ndim - 1)))
 
-    def _per_pair(self, values: torch.Tensor, timestep: Timestep, like: torch.Tensor) -> torch.Tensor:
-        self._validate_timestep(timestep)
-        return self._gather(values, timestep, like)
-
     def energy_logsnr(self, timestep: Timestep, device: torch.device | str | None = None) -> torch.Tensor:
-        """lambda_t, the log-SNR the EBM of pair t is conditioned on (the cleaner level of the pair, SPEC §1)."""
-        self._validate_timestep(timestep)
+        """lambda_t, the log-SNR the EBM of pair t is conditioned on (the cleaner level of the pair)."""
         return self._index(self.logsnr[:-1], timestep, device)
 
     def initializer_logsnr(self, timestep: Timestep, device: torch.device | str | None = None) -> torch.Tensor:
-        """lambda_{t+1}, the log-SNR of the initializer's input x_{t+1} (SPEC §1)."""
-        self._validate_timestep(timestep)
+        """lambda_{t+1}, the log-SNR of the initializer's input x_{t+1}."""
         return self._index(self.logsnr[1:], timestep, device)
 
     @staticmethod
     def _index(values: torch.Tensor, index: Timestep, device: torch.device | str | None) -> torch.Tensor:
-        device = None if device is None else as_device(device)
         if isinstance(index, torch.Tensor):
             device = index.device if device is None else device
             return values.to(device)[index.to(device)]
@@ -228,7 +204,6 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         """r = K / K', the step-size multiplier of the sampling adjustment (Sec. 4.2): s'^2 = r s_t^2."""
         if num_langevin_steps is None:
             return 1.0
-        check_positive_int(num_langevin_steps, "num_langevin_steps")
         return self.config.num_langevin_steps / num_langevin_steps
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -236,14 +211,7 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------------------------------
     def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, level: Timestep) -> torch.Tensor:
         """x_k = alpha_bar_k x_0 + sigma_bar_k eps, the marginal at noise level k in 0..T (Sec. 3.1)."""
-        self._validate_index(level, "level", self.num_noise_levels)
-        check_float_tensor(clean, "clean")
-        check_same_shape(noise, "noise", clean, "clean")
-        alpha_bar, sigma_bar = (
-            self._gather(self.alpha_bar, level, clean, "level"),
-            self._gather(self.sigma_bar, level, clean, "level"),
-        )
-        return alpha_bar * clean + sigma_bar * noise
+        return self._gather(self.alpha_bar, level, clean) * clean + self._gather(self.sigma_bar, level, clean) * noise
 
     def training_pair(
         self, clean: torch.Tensor, timestep: Timestep, noise: torch.Tensor
@@ -255,36 +223,30 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         Both are interpolations between the same x_0 and eps, which reduces the variance of the EBM gradient; this
         is intentionally not the Markov forward joint.
         """
-        check_float_tensor(clean, "clean")
-        check_same_shape(noise, "noise", clean, "clean")
         shape_like = clean
-        alpha_bar_t = self._per_pair(self.alpha_bar[:-1], timestep, shape_like)
-        sigma_bar_t = self._per_pair(self.sigma_bar[:-1], timestep, shape_like)
-        alpha_bar_next = self._per_pair(self.alpha_bar[1:], timestep, shape_like)
-        sigma_bar_next = self._per_pair(self.sigma_bar[1:], timestep, shape_like)
-        input_scale = self._per_pair(self.input_scale, timestep, shape_like)
+        alpha_bar_t = self._gather(self.alpha_bar[:-1], timestep, shape_like)
+        sigma_bar_t = self._gather(self.sigma_bar[:-1], timestep, shape_like)
+        alpha_bar_next = self._gather(self.alpha_bar[1:], timestep, shape_like)
+        sigma_bar_next = self._gather(self.sigma_bar[1:], timestep, shape_like)
+        input_scale = self._gather(self.input_scale, timestep, shape_like)
         positive = input_scale * (alpha_bar_t * clean + sigma_bar_t * noise)
         noisier = alpha_bar_next * clean + sigma_bar_next * noise
         return positive, noisier
 
     def to_chain_space(self, sample: torch.Tensor, timestep: Timestep) -> torch.Tensor:
-        """y_t = input_scale_t x_t (Sec. 3.1; SPEC §3 for the marginal last pair)."""
-        check_float_tensor(sample, "sample")
-        return self._per_pair(self.input_scale, timestep, sample) * sample
+        """y_t = input_scale_t x_t (Sec. 3.1; input_scale is 1 for the marginal last pair)."""
+        return self._gather(self.input_scale, timestep, sample) * sample
 
     def from_chain_space(self, sample: torch.Tensor, timestep: Timestep) -> torch.Tensor:
         """x_t = y_t / input_scale_t (Algorithm 2)."""
-        check_float_tensor(sample, "sample")
-        return sample / self._per_pair(self.input_scale, timestep, sample)
+        return sample / self._gather(self.input_scale, timestep, sample)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Initializer, Langevin and the final denoising step
     # ----------------------------------------------------------------------------------------------------------------
     def initializer_proposal(self, mean: torch.Tensor, timestep: Timestep, noise: torch.Tensor) -> torch.Tensor:
         """y_hat_t = g_phi(x_{t+1}) + sigma_tilde_t eps, a draw from the initializer's Gaussian (Eq. 6)."""
-        check_float_tensor(mean, "mean")
-        check_same_shape(noise, "noise", mean, "mean")
-        return mean + self._per_pair(self.initializer_std, timestep, mean) * noise
+        return mean + self._gather(self.initializer_std, timestep, mean) * noise
 
     def langevin_coefficients(
         self, timestep: Timestep, like: torch.Tensor, num_langevin_steps: int | None = None
@@ -293,41 +255,16 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
 
         With r = K / K' (sampling adjustment, Sec. 4.2) and s'^2 = r s_t^2, a step reads
         ``y + (r / 2) grad f_hat(y) - s'^2 / (2 sigma_{t+1}^2) (y - x_{t+1}) + s' eps``; the quadratic recovery term
-        is dropped for the marginal last pair (SPEC §3). At K' = K this is exactly Eq. 5 with f = f_hat / s_t^2.
+        is dropped for the marginal last pair. At K' = K this is exactly Eq. 5 with f = f_hat / s_t^2.
         """
         ratio = self.langevin_scale(num_langevin_steps)
-        step_size_squared = ratio * self._per_pair(self.langevin_step_size, timestep, like) ** 2
-        recovery_precision = self._per_pair(self.recovery_precision, timestep, like)
+        step_size_squared = ratio * self._gather(self.langevin_step_size, timestep, like) ** 2
+        recovery_precision = self._gather(self.recovery_precision, timestep, like)
         return LangevinCoefficients(
             gradient_scale=torch.full_like(step_size_squared, 0.5 * ratio),
             recovery_scale=0.5 * step_size_squared * recovery_precision,
             noise_scale=step_size_squared.sqrt(),
         )
-
-    def langevin_step(
-        self,
-        sample: torch.Tensor,
-        neg_energy_grad: torch.Tensor,
-        noisier: torch.Tensor,
-        timestep: Timestep,
-        noise: torch.Tensor,
-        num_langevin_steps: int | None = None,
-    ) -> torch.Tensor:
-        r"""One Langevin step on the conditional EBM of pair t (Eq. 5 with f = f_hat / s_t^2, App. A.2).
-
-        Args:
-            sample: the chain state y_t.
-            neg_energy_grad: grad_y f_hat(y_t) of the (possibly guided) network output.
-            noisier: x_{t+1}, the sample the recovery likelihood conditions on.
-            timestep: the pair index t (an int, or a tensor with one index per example).
-            noise: standard Gaussian noise shaped like ``sample``.
-            num_langevin_steps: K', the number of steps used now (sampling adjustment); ``None`` means K.
-        """
-        check_float_tensor(sample, "sample")
-        for name, tensor in (("neg_energy_grad", neg_energy_grad), ("noisier", noisier), ("noise", noise)):
-            check_same_shape(tensor, name, sample, "sample")
-        coefficients = self.langevin_coefficients(timestep, sample, num_langevin_steps)
-        return coefficients.step(sample, neg_energy_grad, noisier, noise)
 
     def tweedie_denoise(self, sample: torch.Tensor, neg_energy_grad: torch.Tensor) -> torch.Tensor:
         r"""The final denoising step on level-0 samples (Eq. 18 with the paper's coefficient 2.0), clamped to [-1, 1].
@@ -340,8 +277,6 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
             sample: x_0, the output of the last Langevin stage (data space, slightly noisy).
             neg_energy_grad: grad_y f_hat(y; lambda_0) evaluated at y = input_scale_0 x.
         """
-        check_float_tensor(sample, "sample")
-        check_same_shape(neg_energy_grad, "neg_energy_grad", sample, "sample")
         score = self.input_scale[0].item() * neg_energy_grad / self.langevin_step_size[0].item() ** 2
         denoised = (sample + self.config.tweedie_coefficient * self.sigma_bar[0].item() ** 2 * score) / self.alpha_bar[
             0
@@ -350,8 +285,7 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
 
     def log_density(self, neg_energy: torch.Tensor, timestep: Timestep) -> torch.Tensor:
         """f_theta(y; t) = f_hat(y; lambda_t) / s_t^2, the unnormalised log-density of pair t (App. A.2)."""
-        check_float_tensor(neg_energy, "neg_energy")
-        return neg_energy / self._per_pair(self.langevin_step_size, timestep, neg_energy) ** 2
+        return neg_energy / self._gather(self.langevin_step_size, timestep, neg_energy) ** 2
 
     def __len__(self) -> int:
         return self.num_noise_levels

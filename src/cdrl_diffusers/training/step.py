@@ -13,8 +13,9 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from ..acceleration import precision_context
 from ..guidance import ConditionWeights, null_label_of
-from ..sampling import frozen, langevin_refine, precision_context
+from ..sampling import frozen, langevin_refine
 from ..schedulers.scheduling_cdrl import CDRLScheduler
 from ..validation import check_generator, check_probability
 
@@ -124,7 +125,7 @@ def cdrl_training_step(
             to each model that has class embeddings; with ``label_dropout`` they are replaced by the null class.
         generator: makes the level, noise and dropout draws reproducible.
         label_dropout: probability of dropping a label to the null class (0.1 in the paper, for guidance).
-        precision: autocast dtype of the network evaluations (``sampling.precision_context``): ``None`` keeps the
+        precision: autocast dtype of the network evaluations (``acceleration.precision_context``): ``None`` keeps the
             caller's setting (e.g. Accelerate's ``--mixed_precision``), or ``"fp32"``, ``"bf16"``, ``"fp16"``. The
             Langevin state, noise and losses are float32 in every mode.
 
