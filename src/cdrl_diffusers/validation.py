@@ -128,6 +128,21 @@ def cli_fraction(text: str) -> float:
     return _cli_float(text, lambda value: 0 <= value < 1, "a number in [0, 1)")
 
 
+def cli_positive_int_list(text: str) -> tuple[int, ...]:
+    """An argparse ``type``: comma-separated positive integers such as "32,64" ("" gives an empty tuple)."""
+    return tuple(cli_positive_int(value) for value in text.split(",") if value.strip())
+
+
+def cli_fraction_or_count(text: str) -> float | int:
+    """An argparse ``type``: a fraction in (0, 1) or a whole count >= 2 (e.g. of held-out images)."""
+    value = _cli_float(
+        text,
+        lambda value: 0 < value < 1 or (value >= 2 and value.is_integer()),
+        "a fraction in (0, 1) or a count >= 2",
+    )
+    return value if value < 1 else int(value)
+
+
 def cli_device(text: str) -> str:
     """An argparse ``type``: a device string that ``torch.device`` accepts."""
     try:

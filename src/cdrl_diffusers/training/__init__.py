@@ -1,6 +1,44 @@
 """Training CDRL: the cooperative step of Algorithm 1 and the optimisation schedule of App. A.2."""
 
+from .checkpointing import (
+    HIGHER_IS_BETTER,
+    RollBack,
+    TrainingDiverged,
+    TrainingProgress,
+    fsync_directory,
+    list_checkpoints,
+    register_checkpoint_hooks,
+    remove_stale_folders,
+    replace_folder_atomically,
+    resolve_checkpoint,
+    save_checkpoint,
+    training_seed,
+)
+from .data import (
+    Conditioning,
+    TrainingImages,
+    check_column,
+    class_labels_of,
+    conditioning_for,
+    image_channels,
+    image_tensors,
+    split_dataset,
+)
+from .ema import ema_copy, ema_pipeline, refresh_spectral_norm
+from .evaluation import HeldOutEvaluator
 from .health import DivergenceError, TrainingHealthMonitor
+from .optimization import OptimizerStep, clip_and_step, losses_are_finite
+from .presets import EMBEDDED_DATASETS, MODEL_PRESETS, build_models, load_embedded_dataset
+from .reporting import (
+    UPLOAD_IGNORE_PATTERNS,
+    RunOutputs,
+    StepMetrics,
+    check_tracker_available,
+    export_pipeline,
+    log_image,
+    push_to_hub,
+    sample_grid,
+)
 from .step import (
     LEVEL_METRICS,
     CDRLTrainingOutput,
@@ -19,4 +57,43 @@ __all__ = [
     "create_ema_model",
     "drop_labels",
     "warmup_multiplier",
+    "HIGHER_IS_BETTER",
+    "RollBack",
+    "TrainingDiverged",
+    "TrainingProgress",
+    "fsync_directory",
+    "list_checkpoints",
+    "register_checkpoint_hooks",
+    "remove_stale_folders",
+    "replace_folder_atomically",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "training_seed",
+    "Conditioning",
+    "TrainingImages",
+    "check_column",
+    "class_labels_of",
+    "conditioning_for",
+    "image_channels",
+    "image_tensors",
+    "split_dataset",
+    "ema_copy",
+    "ema_pipeline",
+    "refresh_spectral_norm",
+    "HeldOutEvaluator",
+    "OptimizerStep",
+    "clip_and_step",
+    "losses_are_finite",
+    "EMBEDDED_DATASETS",
+    "MODEL_PRESETS",
+    "build_models",
+    "load_embedded_dataset",
+    "UPLOAD_IGNORE_PATTERNS",
+    "RunOutputs",
+    "StepMetrics",
+    "check_tracker_available",
+    "export_pipeline",
+    "log_image",
+    "push_to_hub",
+    "sample_grid",
 ]

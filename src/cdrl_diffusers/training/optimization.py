@@ -1,0 +1,60 @@
+"""The optimizer step of a training iteration: skip non-finite updates, clip per network, fp16 loss scaling."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def losses_are_finite(accelerator: Accelerator, *losses: torch.Tensor) -> bool:
+    """Whether every loss is finite on every process.
+
+    All processes take the same decision (a reduction), so skipping a non-finite update never leaves one process
+    waiting for the others' gradients.
+    """
+    nonfinite = (~torch.isfinite(torch.stack([loss.detach().float() for loss in losses]))).any().float()
+    return accelerator.reduce(nonfinite, reduction="sum").item() == 0
+
+
+@dataclass
+class OptimizerStep:
+    """What ``clip_and_step`` did.
+
+    Args:
+        grad_norms: the gradient norm of each network before clipping (after unscaling).
+        stepped: whether the optimizer updated the weights.
+        overflow: an fp16 gradient overflow: the ``GradScaler`` skipped the update and lowered its scale.
+    """
+
+    grad_norms: dict[str, float]
+    stepped: bool
+    overflow: bool
+
+
+def clip_and_step(
+    accelerator: Accelerator, optimizer: torch.optim.Optimizer, models: dict[str, nn.Module], max_grad_norm: float
+) -> OptimizerStep:
+    """Unscale the gradients, clip them per network (App. A.2) and step the prepared ``optimizer`` if they are finite.
+
+    With fp16 loss scaling (``accelerator.scaler``, a ``torch.amp.GradScaler``) the optimizer always steps: the
+    scaler skips the update when the gradients overflowed and lowers its scale, which is what loss scaling is for;
+    the step is reported as an ``overflow``. Without a scaler, non-finite gradients skip the update.
+    """
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        scaler.unscale_(getattr(optimizer, "optimizer", optimizer))
+    grad_norms = {
+        name: torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
+        for name, model in models.items()
+    }
+    finite = all(math.isfinite(norm) for norm in grad_norms.values())
+    if finite or scaler is not None:
+        optimizer.step()  # a GradScaler skips the update of non-finite gradients and updates its scale
+    return OptimizerStep(grad_norms, stepped=finite, overflow=not finite and scaler is not None)

@@ -1,0 +1,80 @@
+"""Presets of the training script: network sizes and the embedded datasets that need no download."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+
+from ..data import load_digits_dataset, load_shapes_dataset
+from ..models import EnergyModel, InitializerUNet
+
+# Network sizes. "cpu" trains in minutes on a laptop CPU; "paper32" is the paper's 32x32 pair (App. A.1, Table 6):
+# the defaults of EnergyModel and InitializerUNet.
+MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "cpu": {
+        "energy_model": {"block_out_channels": (32, 64), "layers_per_block": 1, "embedding_dim": 64},
+        "initializer": {
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "attention_resolutions": (),
+            "norm_num_groups": 8,
+        },
+    },
+    "paper32": {"energy_model": {}, "initializer": {}},
+}
+
+# The embedded datasets: a loader of the resolution, and the name recorded in the model card.
+EMBEDDED_DATASETS: dict[str, tuple[Callable[[int], datasets.Dataset], str]] = {
+    "shapes": (lambda resolution: load_shapes_dataset(resolution=resolution, seed=0), "cdrl-shapes"),
+    "digits": (lambda resolution: load_digits_dataset(resolution=resolution), "sklearn-digits"),
+}
+
+
+def load_embedded_dataset(name: str, resolution: int) -> tuple[datasets.Dataset, str]:
+    """The embedded dataset ``name`` at ``resolution`` and its name for the model card.
+
+    ``"shapes"``: 4096 procedural coloured shapes (``ClassLabel`` columns shape, color, size); ``"digits"``:
+    scikit-learn's 8x8 digits upsampled (1 channel, column label).
+    """
+    if name not in EMBEDDED_DATASETS:
+        raise ValueError(f"`embedded_dataset` must be one of {sorted(EMBEDDED_DATASETS)}, got {name!r}.")
+    load, card_name = EMBEDDED_DATASETS[name]
+    return load(resolution), card_name
+
+
+def build_models(
+    preset: str,
+    resolution: int,
+    channels: int,
+    class_names: list[str] | None = None,
+    conditional_initializer: bool = False,
+    energy_overrides: dict[str, Any] | None = None,
+    initializer_overrides: dict[str, Any] | None = None,
+) -> tuple[EnergyModel, InitializerUNet]:
+    """The EBM and initializer of ``preset``, with the given entries of ``*_overrides`` replacing the preset's.
+
+    A conditional EBM gets one class per name of ``class_names`` (stored in its config); the initializer is
+    conditional too when ``conditional_initializer`` (class-conditional training, Sec. 3.5), unconditional otherwise
+    (compositional training, Sec. 4.5).
+    """
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"`preset` must be one of {sorted(MODEL_PRESETS)}, got {preset!r}.")
+    energy_kwargs = {**MODEL_PRESETS[preset]["energy_model"], **(energy_overrides or {})}
+    initializer_kwargs = {**MODEL_PRESETS[preset]["initializer"], **(initializer_overrides or {})}
+    num_classes = len(class_names) if class_names else None
+    energy_model = EnergyModel(
+        sample_size=resolution,
+        in_channels=channels,
+        num_class_embeds=num_classes,
+        class_names=class_names,
+        **energy_kwargs,
+    )
+    initializer = InitializerUNet(
+        sample_size=resolution,
+        in_channels=channels,
+        num_class_embeds=num_classes if conditional_initializer else None,
+        **initializer_kwargs,
+    )
+    return energy_model, initializer

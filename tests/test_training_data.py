@@ -1,0 +1,103 @@
+"""cdrl_diffusers.training.data and presets: held-out splits, class labels from columns, seeded crops and flips."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from cdrl_diffusers import EnergyModel, InitializerUNet
+from cdrl_diffusers.data import load_shapes_dataset
+from cdrl_diffusers.training import (
+    Conditioning,
+    TrainingImages,
+    build_models,
+    class_labels_of,
+    conditioning_for,
+    image_channels,
+    load_embedded_dataset,
+    split_dataset,
+)
+
+
+def rows(dataset) -> Counter:
+    return Counter(
+        np.asarray(row["image"]).tobytes() + bytes([row["shape"], row["color"], row["size"]]) for row in dataset
+    )
+
+
+def test_validation_split_is_held_out_of_the_training_data():
+    full, name = load_embedded_dataset("shapes", resolution=8)
+    assert name == "cdrl-shapes" and len(full) == 4096
+    train_rows, validation_rows = split_dataset(full, 0.1, None, seed=0)
+    assert len(validation_rows) == round(0.1 * len(full))
+    assert rows(train_rows) + rows(validation_rows) == rows(full)  # a partition of the rows
+
+    subset, same_validation = split_dataset(full, 410, 64, seed=0)
+    assert len(subset) == 64 and rows(subset) <= rows(train_rows)  # subsets come from the training part only
+    assert rows(same_validation) == rows(validation_rows)
+    assert split_dataset(full, None, None, seed=0) == (full, None)
+    with pytest.raises(ValueError, match="validation_split"):
+        split_dataset(full, 4096, None, seed=0)
+
+
+def test_training_images_are_seeded_by_epoch_and_row():
+    dataset = load_shapes_dataset(4, 16, seed=0)
+    images = TrainingImages(dataset, "image", ["shape", "color"], 8, 3, center_crop=False, random_flip=True, seed=0)
+    first = torch.stack([images[i]["pixel_values"] for i in range(4)])
+    assert first.shape == (4, 3, 8, 8) and first.min() >= -1 and first.max() <= 1
+    assert torch.equal(first, torch.stack([images[i]["pixel_values"] for i in range(4)]))  # same epoch, same crops
+    images.set_epoch(1)
+    assert not torch.equal(first, torch.stack([images[i]["pixel_values"] for i in range(4)]))
+    assert images[0]["labels"].tolist() == [dataset[0]["shape"], dataset[0]["color"]]
+    assert (
+        image_channels(dataset, "image") == 3 and image_channels(load_embedded_dataset("digits", 8)[0], "image") == 1
+    )
+
+
+def test_conditioning_from_a_label_column_or_attribute_columns():
+    dataset = load_shapes_dataset(8, 8, seed=0)
+    _, labels = conditioning_for(dataset, label_column="shape")
+    assert labels == Conditioning(["shape"], ["circle", "square", "triangle"], conditional_initializer=True)
+    _, attributes = conditioning_for(dataset, attribute_columns=["shape", "color"])
+    assert attributes.class_names == ["shape=circle", "shape=square", "shape=triangle"] + [
+        "color=red",
+        "color=green",
+        "color=blue",
+    ]
+    assert attributes.offsets == [0, 3] and not attributes.conditional_initializer
+    assert conditioning_for(dataset)[1] == Conditioning([])
+    with pytest.raises(ValueError, match="exclude each other"):
+        conditioning_for(dataset, label_column="shape", attribute_columns=["color"])
+    with pytest.raises(ValueError, match="--label_column.*'nope' is not a column"):
+        conditioning_for(dataset, label_column="nope")
+
+
+def test_attribute_classes_pick_one_attribute_per_image():
+    conditioning = Conditioning(["shape", "color"], ["s0", "s1", "s2", "c0", "c1", "c2"], offsets=[0, 3])
+    batch = {"labels": torch.tensor([[2, 1]] * 200)}
+    classes = class_labels_of(batch, conditioning, torch.Generator().manual_seed(0))
+    assert set(classes.tolist()) == {2, 3 + 1}  # shape=2 or color=1, each picked about half the time
+    assert 60 < (classes == 2).sum() < 140
+    labelled = Conditioning(["shape"], ["s0", "s1", "s2"], conditional_initializer=True)
+    assert class_labels_of(batch, labelled, torch.Generator()).tolist() == [2] * 200
+    assert class_labels_of(batch, Conditioning([]), torch.Generator()) is None
+
+
+def test_build_models_from_a_preset_with_overrides():
+    energy_model, initializer = build_models(
+        "cpu", 8, 1, ["a", "b"], conditional_initializer=True, energy_overrides={"block_out_channels": (8, 16)}
+    )
+    assert isinstance(energy_model, EnergyModel) and isinstance(initializer, InitializerUNet)
+    assert tuple(energy_model.config.block_out_channels) == (8, 16)
+    assert energy_model.config.embedding_dim == 64 and energy_model.config.class_names == ["a", "b"]
+    assert energy_model.config.in_channels == initializer.config.in_channels == 1
+    assert energy_model.config.num_class_embeds == initializer.config.num_class_embeds == 2
+    _, unconditional_initializer = build_models("cpu", 8, 3, ["a", "b"])
+    assert unconditional_initializer.config.num_class_embeds is None
+    with pytest.raises(ValueError, match="preset"):
+        build_models("huge", 8, 3)
+    with pytest.raises(ValueError, match="embedded_dataset"):
+        load_embedded_dataset("cifar", 8)
