@@ -1,13 +1,15 @@
-"""CDRLPipeline: outputs, determinism, guidance, callbacks, save/load with a model card, and bad input."""
+"""CDRLPipeline: outputs, determinism, guidance, ablations, callbacks, vector models, save/load and the Hub."""
 
+import huggingface_hub
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_SIZE
+from conftest import TINY_SIZE, tiny_energy_model, tiny_initializer
 from huggingface_hub import ModelCard
 
-from cdrl_diffusers import CDRLPipeline, CDRLSampler, ConditionWeights
+from cdrl_diffusers import CDRLPipeline, CDRLScheduler, ConditionWeights, EnergyMLP, InitializerMLP
+from cdrl_diffusers.sampling import CDRLSampler
 
 
 def generate(pipe, seed=0, **kwargs):
@@ -80,6 +82,39 @@ def test_class_conditional_sampling(conditional_pipeline):
     assert not torch.allclose(unguided, generate(conditional_pipeline, class_labels=1, guidance_scale=2.0))
 
 
+def count_calls(model):
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_initializer_alone_runs_the_energy_model_only_for_the_tweedie_step(pipeline):
+    energy_calls, initializer_calls = count_calls(pipeline.energy_model), count_calls(pipeline.initializer)
+    alone = generate(pipeline, batch_size=2, num_langevin_steps=0)
+    assert len(energy_calls) == 1 and len(initializer_calls) == 6  # Eq. 18 once; one proposal per level
+    assert not torch.allclose(alone, generate(pipeline, batch_size=2))
+
+
+def test_langevin_alone_never_calls_the_initializer(pipeline):
+    initializer_calls = count_calls(pipeline.initializer)
+    alone = generate(pipeline, batch_size=2, use_initializer=False)
+    assert initializer_calls == [] and alone.shape == (2, 3, TINY_SIZE, TINY_SIZE)
+    assert not torch.allclose(alone, generate(pipeline, batch_size=2))
+
+
+def test_per_level_samples_through_the_callback(pipeline):
+    """The callback gets x_t after each level; with 0 Langevin steps, x_t is the proposal made from x_{t+1}."""
+    levels = []
+    generate(pipeline, batch_size=2, num_langevin_steps=0, callback_on_step_end=lambda *a: levels.append(a[3]) or {})
+    assert len(levels) == 6
+    scheduler, noise = pipeline.scheduler, torch.Generator().manual_seed(0)
+    x_T = torch.randn(2, 3, TINY_SIZE, TINY_SIZE, generator=noise)
+    with torch.no_grad():
+        mean = pipeline.initializer(x_T, scheduler.initializer_logsnr(5)).sample
+    proposal = scheduler.initializer_proposal(mean, 5, torch.randn(2, 3, TINY_SIZE, TINY_SIZE, generator=noise))
+    torch.testing.assert_close(levels[0]["latents"], scheduler.from_chain_space(proposal, 5))
+
+
 def test_callback_on_step_end_sees_every_level_and_can_replace_latents(pipeline):
     seen = []
 
@@ -91,36 +126,74 @@ def test_callback_on_step_end_sees_every_level_and_can_replace_latents(pipeline)
     assert [(i, t) for i, t, _ in seen] == [(i, 5 - i) for i in range(6)]
     assert all(shape == (2, 3, TINY_SIZE, TINY_SIZE) for _, _, shape in seen)
     # x_0 was replaced by zeros, so the output is the Tweedie step (Eq. 18) applied to an all-zero image.
-    sampler = CDRLSampler(
-        pipeline.energy_model,
-        pipeline.initializer,
-        pipeline.scheduler,
-        ConditionWeights.unconditional(),
-        ConditionWeights.unconditional(),
-        batch_size=2,
-        device=torch.device("cpu"),
-    )
+    terms = ConditionWeights.unconditional().stack(None, 2, torch.device("cpu"))
+    sampler = CDRLSampler(pipeline.energy_model, pipeline.initializer, pipeline.scheduler, terms, terms)
     expected = (sampler.denoise(torch.zeros(2, 3, TINY_SIZE, TINY_SIZE)) + 1) / 2
     torch.testing.assert_close(images, expected)
 
 
-def test_save_load_round_trip_with_model_card(tmp_path, conditional_pipeline):
-    conditional_pipeline.save_pretrained(tmp_path)
-    for name in ("model_index.json", "README.md", "scheduler/scheduler_config.json"):
-        assert (tmp_path / name).exists()
-    assert (tmp_path / "energy_model" / "diffusion_pytorch_model.safetensors").exists()
-    loaded = CDRLPipeline.from_pretrained(tmp_path)
-    kwargs = {"batch_size": 2, "class_labels": "triangle", "guidance_scale": 1.0}
-    assert torch.equal(generate(loaded, **kwargs), generate(conditional_pipeline, **kwargs))
-    images = torch.rand(3, 3, TINY_SIZE, TINY_SIZE) * 2 - 1
-    torch.testing.assert_close(loaded.log_density(images), conditional_pipeline.log_density(images))
+@pytest.mark.parametrize(
+    "returned, error, message",
+    [
+        (torch.zeros(1, 3, TINY_SIZE, TINY_SIZE), ValueError, "shape"),
+        (torch.full((2, 3, TINY_SIZE, TINY_SIZE), float("nan")), ValueError, "NaN"),
+        (torch.zeros(2, 3, TINY_SIZE, TINY_SIZE, dtype=torch.long), TypeError, "floating"),
+        ([0.0], TypeError, "floating"),
+    ],
+)
+def test_callback_latents_are_checked(pipeline, returned, error, message):
+    with pytest.raises(error, match=f"callback_on_step_end.*{message}|{message}.*callback_on_step_end"):
+        generate(pipeline, batch_size=2, callback_on_step_end=lambda *args: {"latents": returned})
 
-    card = ModelCard.load(tmp_path / "README.md")
-    assert card.data.library_name == "cdrl_diffusers" and "diffusers" in card.data.tags
-    assert card.data.pipeline_tag is None  # class-conditional: no Hub task fits (tests/test_model_card.py)
-    assert {"cdrl_diffusers", "energy-based-model"} <= set(card.data.tags)
-    assert "CDRLPipeline.from_pretrained" in card.text
-    assert "@inproceedings{zhu2024cdrl" in card.text
+
+def vector_pipeline():
+    torch.manual_seed(0)
+    energy = EnergyMLP(data_dim=2, hidden_dim=16, num_layers=1, embedding_dim=16)
+    initializer = InitializerMLP(data_dim=2, hidden_dim=16, num_layers=1)
+    scheduler = CDRLScheduler(num_noise_levels=3, num_langevin_steps=2, langevin_step_size_rule="toy")
+    pipe = CDRLPipeline(energy, initializer, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_vector_models_sample_vectors():
+    pipe = vector_pipeline()
+    latent = generate(pipe, batch_size=5, output_type="latent")
+    assert latent.shape == (5, 2) and torch.isfinite(latent).all()
+    torch.testing.assert_close(generate(pipe, batch_size=5, output_type="pt"), latent)
+    assert np.allclose(generate(pipe, batch_size=5, output_type="np"), latent.numpy())
+    levels = []
+    generate(pipe, batch_size=5, callback_on_step_end=lambda *args: levels.append(args[3]["latents"]) or {})
+    assert [level.shape for level in levels] == [(5, 2)] * 3
+    assert pipe.log_density(latent).shape == (5,)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(batch_size=2, output_type="pil")
+
+
+def test_latent_output_is_x0_in_the_data_range(pipeline):
+    latent = generate(pipeline, batch_size=2, output_type="latent")
+    torch.testing.assert_close((latent + 1) / 2, generate(pipeline, batch_size=2))
+
+
+def test_bf16_pipeline_keeps_the_chain_in_float32(pipeline):
+    reference = generate(pipeline, batch_size=2, output_type="latent")
+    pipeline.to(torch.bfloat16)
+    seen = []
+    reduced = generate(pipeline, batch_size=2, output_type="latent", callback_on_step_end=lambda *a: seen.append(a[3]))
+    assert all(kwargs["latents"].dtype == torch.float32 for kwargs in seen) and reduced.dtype == torch.float32
+    assert (reduced - reference).abs().max() < 0.2
+
+
+def test_pipeline_puts_its_models_in_eval_mode_and_matches_a_loaded_copy(tmp_path):
+    """Built from components in train mode or loaded from disk (eval mode), a pipeline computes the same thing."""
+    built = CDRLPipeline(
+        tiny_energy_model(3).train(), tiny_initializer(3).train(), CDRLScheduler(num_langevin_steps=2)
+    )
+    assert not built.energy_model.training and not built.initializer.training
+    built.save_pretrained(tmp_path)
+    loaded = CDRLPipeline.from_pretrained(tmp_path)
+    kwargs = {"batch_size": 2, "class_labels": 1, "guidance_scale": 1.0}
+    torch.testing.assert_close(generate(loaded, **kwargs), generate(built, **kwargs), rtol=0, atol=1e-5)
 
 
 def test_custom_model_card(tmp_path, pipeline):
@@ -131,6 +204,44 @@ def test_custom_model_card(tmp_path, pipeline):
     loaded = ModelCard.load(tmp_path / "README.md")
     assert loaded.data.datasets is None  # a name, not a Hub dataset id
     assert "| steps | 10 |" in loaded.text and "| FD | 1.5 |" in loaded.text and "samples.png" in loaded.text
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """huggingface_hub's repo creation and upload, mocked: records the README.md of every uploaded folder."""
+    uploads = []
+
+    def create_repo(repo_id, **kwargs):
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(repo_id, folder_path, **kwargs):
+        uploads.append((repo_id, ModelCard.load(f"{folder_path}/README.md"), kwargs))
+        return "commit"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    return uploads
+
+
+def assert_cdrl_card(card, repo_id):
+    assert "More Information Needed" not in card.text  # diffusers' empty template
+    assert "CDRLPipeline.from_pretrained" in card.text and repo_id in card.text
+    assert "cdrl_diffusers" in card.data.tags
+
+
+def test_push_to_hub_uploads_the_cdrl_model_card(pipeline, hub):
+    pipeline.push_to_hub("org/cdrl-tiny", commit_message="first")
+    (repo_id, card, kwargs) = hub[0]
+    assert repo_id == "org/cdrl-tiny" and kwargs["commit_message"] == "first"
+    assert_cdrl_card(card, "org/cdrl-tiny")
+
+
+def test_save_pretrained_push_to_hub_uploads_the_cdrl_model_card(pipeline, hub, tmp_path):
+    pipeline.save_pretrained(tmp_path / "cdrl-tiny", push_to_hub=True, repo_id="org/cdrl-tiny")
+    (repo_id, card, _) = hub[0]
+    assert repo_id == "org/cdrl-tiny"
+    assert_cdrl_card(card, "org/cdrl-tiny")
+    assert_cdrl_card(ModelCard.load(tmp_path / "cdrl-tiny" / "README.md"), "org/cdrl-tiny")
 
 
 def test_log_density(pipeline):
@@ -154,61 +265,6 @@ def test_log_density(pipeline):
     assert pipeline.log_density([pil, pil]).shape == (2,)
 
 
-@pytest.mark.parametrize(
-    "kwargs, error, message",
-    [
-        ({"batch_size": 0}, ValueError, "batch_size"),
-        ({"batch_size": 2.5}, ValueError, "batch_size"),
-        ({"num_langevin_steps": 0}, ValueError, "num_langevin_steps"),
-        ({"num_langevin_steps": -2}, ValueError, "num_langevin_steps"),
-        ({"guidance_scale": 1.0}, ValueError, "unconditional"),
-        ({"guidance_scale": -1.0}, ValueError, "guidance_scale"),
-        ({"guidance_scale": "strong"}, TypeError, "guidance_scale"),
-        ({"class_labels": 0}, ValueError, "unconditional"),
-        ({"output_type": "latent"}, ValueError, "output_type"),
-        ({"latents": torch.randn(1, 1, TINY_SIZE, TINY_SIZE)}, ValueError, "latents"),
-        ({"batch_size": 2, "generator": [torch.Generator()]}, ValueError, "generators"),
-        ({"callback_on_step_end_tensor_inputs": ["noise"]}, ValueError, "callback_on_step_end_tensor_inputs"),
-    ],
-)
-def test_bad_sampling_arguments(pipeline, kwargs, error, message):
-    with pytest.raises(error, match=message):
-        pipeline(**kwargs)
-
-
-@pytest.mark.parametrize(
-    "labels, error, message",
-    [
-        (3, ValueError, "out of range"),
-        (-1, ValueError, "out of range"),
-        ("hexagon", ValueError, "Unknown class name"),
-        ([0, 1], ValueError, "batch_size"),
-        ([], ValueError, "empty"),
-        (1.5, TypeError, "class label"),
-    ],
-)
-def test_bad_class_labels(conditional_pipeline, labels, error, message):
-    with pytest.raises(error, match=message):
-        conditional_pipeline(batch_size=3, class_labels=labels)
-
-
-@pytest.mark.parametrize(
-    "images, error, message",
-    [
-        (torch.rand(2, 1, TINY_SIZE, TINY_SIZE), ValueError, "shape"),
-        (torch.rand(2, 3, 16, 16), ValueError, "shape"),
-        (torch.full((1, 3, TINY_SIZE, TINY_SIZE), float("nan")), ValueError, "NaN"),
-        (torch.zeros(0, 3, TINY_SIZE, TINY_SIZE), ValueError, "shape|empty"),
-        (torch.zeros(1, 3, TINY_SIZE, TINY_SIZE, dtype=torch.long), TypeError, "floating"),
-        ("image.png", TypeError, "PIL images"),
-        ([], ValueError, "empty"),
-    ],
-)
-def test_bad_log_density_inputs(pipeline, images, error, message):
-    with pytest.raises(error, match=message):
-        pipeline.log_density(images)
-
-
-def test_bad_noise_level(pipeline):
-    with pytest.raises(ValueError, match="noise_level"):
-        pipeline.log_density(torch.zeros(1, 3, TINY_SIZE, TINY_SIZE), noise_level=6)
+def test_log_density_rejects_tensors_outside_minus_one_one(pipeline):
+    with pytest.raises(ValueError, match=r"images.*\[-1, 1\]"):
+        pipeline.log_density(torch.full((2, 3, TINY_SIZE, TINY_SIZE), 200.0))

@@ -416,19 +416,19 @@ class CDRLPipelineMixin:
             variant: a weights variant name such as ``"fp16"``.
             push_to_hub: then upload the folder to the Hub repo ``repo_id`` (keyword; default: the folder's name),
                 with ``token``, ``private``, ``commit_message`` and ``create_pr`` as in diffusers.
-            model_card: the card to write; by default ``create_model_card()`` describes the pipeline (with the repo
-                id in its usage snippet when pushing).
+            model_card: the card to write; by default ``create_model_card`` describes the pipeline, with the repo id
+                (when pushing) or the folder in its usage snippet.
         """
-        hub_options = {
-            key: kwargs.pop(key) for key in ("token", "private", "commit_message", "create_pr") if key in kwargs
-        }
+        hub = {key: kwargs.pop(key) for key in ("token", "private", "commit_message", "create_pr") if key in kwargs}
         repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(os.fspath(save_directory)))
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
+        if push_to_hub:
+            repo_id = self._create_repo(repo_id, hub.get("private"), hub.get("token"))
         if model_card is None:
-            model_card = self.create_model_card(repo_id=repo_id) if push_to_hub else self.create_model_card()
+            model_card = self.create_model_card(repo_id=repo_id if push_to_hub else None, folder=save_directory)
         model_card.save(os.path.join(save_directory, "README.md"))
         if push_to_hub:
-            self._upload(save_directory, repo_id, **hub_options)
+            self._upload(save_directory, repo_id, hub.get("commit_message"), hub.get("token"), hub.get("create_pr"))
 
     def push_to_hub(
         self,
@@ -446,30 +446,24 @@ class CDRLPipelineMixin:
         As ``DiffusionPipeline.push_to_hub``, except for the card: diffusers would upload its empty template.
         ``model_card`` replaces the default ``create_model_card(repo_id=repo_id)``.
         """
+        repo_id = self._create_repo(repo_id, private, token)
+        card = model_card if model_card is not None else self.create_model_card(repo_id=repo_id)
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(
-                folder,
-                safe_serialization=safe_serialization,
-                variant=variant,
-                model_card=model_card if model_card is not None else self.create_model_card(repo_id=repo_id),
-            )
-            return self._upload(folder, repo_id, commit_message, private, token, create_pr)
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant, model_card=card)
+            return self._upload(folder, repo_id, commit_message, token, create_pr)
+
+    @staticmethod
+    def _create_repo(repo_id: str, private: bool | None, token: str | None) -> str:
+        return huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
 
     def _upload(
-        self,
-        folder: str | os.PathLike,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
+        self, folder: str | os.PathLike, repo_id: str, commit_message: str | None, token: str | None, create_pr: bool
     ) -> str:
-        repo_id = huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         logger.info(f"Uploading {folder} to the Hub repo {repo_id}.")
         return huggingface_hub.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
             token=token,
             commit_message=commit_message or f"Upload {type(self).__name__}",
-            create_pr=create_pr,
+            create_pr=bool(create_pr),
         )
