@@ -1,6 +1,7 @@
 """EnergyModel, InitializerUNet and the vector models: sizes, conditioning, finiteness, save/load, bad input."""
 
 import pytest
+import safetensors.torch
 import torch
 from conftest import TINY_SIZE, tiny_energy_model, tiny_initializer
 
@@ -12,14 +13,34 @@ def count(model):
 
 
 def test_default_energy_model_is_the_papers_size():
+    # The parameter counts of the authors' CIFAR-10 and ImageNet 32x32 (1000 classes) EBMs.
     model = EnergyModel()
-    assert abs(count(model) - 34.8e6) / 34.8e6 < 0.02
+    assert count(model) == 34_833_152
     assert model.config.block_out_channels == (128, 256, 256, 256)
     assert model.config.layers_per_block == 8
+    assert count(EnergyModel(num_class_embeds=1000)) == 35_346_176
 
 
-def test_default_initializer_has_a_few_million_parameters():
-    assert 2e6 < count(InitializerUNet()) < 5e6
+def test_default_initializer_is_the_papers_size():
+    # The authors' CIFAR-10 initializer (3 blocks per resolution) and ImageNet 32x32 one (2 blocks, 1000 classes).
+    assert count(InitializerUNet()) == 3_769_795
+    assert count(InitializerUNet(layers_per_block=2, num_class_embeds=1000)) == 3_181_443
+
+
+def test_embed_condition_is_what_forward_computes():
+    model = tiny_energy_model(num_class_embeds=3)
+    sample = torch.randn(3, 3, TINY_SIZE, TINY_SIZE)
+    logsnr, labels = torch.tensor([9.8, 0.0, -5.1]), torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        condition = model.embed_condition(logsnr, labels)
+        expected = model(sample, logsnr, labels).neg_energy
+        torch.testing.assert_close(model(sample, logsnr, labels, condition=condition).neg_energy, expected)
+        other = model.embed_condition(logsnr, torch.tensor([1, 1, 1]))
+        assert not torch.allclose(model(sample, logsnr, labels, condition=other).neg_energy, expected)
+    with pytest.raises(TypeError, match="condition"):
+        model(sample, logsnr, labels, condition=(condition.readout,))
+    with pytest.raises(TypeError, match="logsnr"):
+        model.embed_condition(1.0)
 
 
 def test_spectral_norm_everywhere_but_the_readout_and_scales():
@@ -130,6 +151,22 @@ def test_bad_model_configurations():
         EnergyModel(sample_size=8, block_out_channels=(8,), num_class_embeds=2, class_names=["a"])
     with pytest.raises(ValueError, match="norm_num_groups"):
         InitializerUNet(block_out_channels=(48, 48), norm_num_groups=32)
+    with pytest.raises(ValueError, match="attention_head_dim"):  # a width below the head size
+        InitializerUNet(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, attention_head_dim=16)
+
+
+@pytest.mark.parametrize("factory", [tiny_energy_model, tiny_initializer])
+def test_folder_with_other_tensors_is_refused_with_a_clear_message(tmp_path, factory):
+    # Folders of earlier versions describe the same configuration with other tensors (here: one more, one reshaped).
+    factory().save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    tensors = safetensors.torch.load_file(weights)
+    name = next(key for key in tensors if key.endswith("bias"))
+    tensors[name] = tensors[name][:-1]
+    tensors["readout.bias"] = torch.zeros(4)
+    safetensors.torch.save_file(tensors, weights)
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) unexpected \(e.g. readout.bias\).*another shape.*Retrain"):
+        type(factory()).from_pretrained(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
-"""Conditioning shared by the energy models: log-SNR and class embeddings, and spectral normalisation."""
+"""Conditioning shared by the CDRL networks: log-SNR and class embeddings, and spectral normalisation."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
@@ -19,12 +21,39 @@ def maybe_spectral_norm(module: nn.Module, enabled: bool) -> nn.Module:
     return spectral_norm(module) if enabled else module
 
 
+def logsnr_to_timestep(logsnr: torch.Tensor) -> torch.Tensor:
+    """The network input for a log-SNR lambda (App. A.3): 1000 arctan(exp(-lambda / 2)) / (pi / 2).
+
+    arctan(exp(-lambda / 2)) inverts the cosine schedule lambda = -2 log(tan(u)) (Eq. 19-20), so the input is the
+    schedule's time rescaled from (0, pi / 2) to (0, 1000), the range the sinusoidal embeddings are made for. As in
+    the authors' networks, lambda is first clamped to [-20, 20].
+    """
+    return torch.arctan(torch.exp(-0.5 * logsnr.clamp(-20.0, 20.0))) / (0.5 * math.pi) * 1000.0
+
+
+class ClassEmbedding(nn.Linear):
+    """A dense map of the one-hot label over ``num_class_embeds + 1`` entries (App. A.1).
+
+    Entry 0 of the one-hot vector is the null class, entry ``i + 1`` class ``i``: the layout of the authors' networks,
+    so that their weights load unchanged. ``forward`` takes the library's labels, in which ``num_class_embeds`` is the
+    null class, and picks the weight column instead of multiplying by a one-hot vector (the same numbers).
+    """
+
+    def __init__(self, num_class_embeds: int, embedding_dim: int):
+        super().__init__(num_class_embeds + 1, embedding_dim)
+
+    def forward(self, class_labels: torch.Tensor) -> torch.Tensor:
+        one_hot_index = (class_labels + 1) % self.in_features
+        return F.embedding(one_hot_index, self.weight.t()) + self.bias
+
+
 class ConditionEmbedding(nn.Module):
     """Embeds the log-SNR (App. A.3) and, for conditional models, the class label (App. A.1).
 
-    The log-SNR goes through diffusers' sinusoidal ``Timesteps`` and a two-layer ``TimestepEmbedding`` with a
-    LeakyReLU (Table 5c: sinusoidal, dense, leakyReLU, dense). A class label is embedded to the same width and added;
-    index ``num_class_embeds`` is the null class used for ``class_labels=None`` (classifier-free guidance).
+    The log-SNR enters as ``logsnr_to_timestep`` through diffusers' sinusoidal ``Timesteps`` (sines first, frequencies
+    10000^(-i / (d/2 - 1))) and a two-layer ``TimestepEmbedding`` with a LeakyReLU (Table 5c: sinusoidal, dense,
+    leakyReLU, dense). A class label is embedded to the same width by ``ClassEmbedding`` and added;
+    ``class_labels=None`` is the null class (classifier-free guidance).
     """
 
     _max_cached = 32
@@ -39,7 +68,7 @@ class ConditionEmbedding(nn.Module):
     ):
         super().__init__()
         self.num_class_embeds = num_class_embeds
-        self.sinusoidal = Timesteps(sinusoidal_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.sinusoidal = Timesteps(sinusoidal_channels, flip_sin_to_cos=False, downscale_freq_shift=1)
         self.mlp = TimestepEmbedding(sinusoidal_channels, embedding_dim)
         self.mlp.act = nn.LeakyReLU(negative_slope)
         self.mlp.linear_1 = maybe_spectral_norm(self.mlp.linear_1, use_spectral_norm)
@@ -47,7 +76,7 @@ class ConditionEmbedding(nn.Module):
         self.class_embedding = None
         if num_class_embeds is not None:
             self.class_embedding = maybe_spectral_norm(
-                nn.Embedding(num_class_embeds + 1, embedding_dim), use_spectral_norm
+                ClassEmbedding(num_class_embeds, embedding_dim), use_spectral_norm
             )
         self._cache: list[tuple[tuple, torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None
 
@@ -98,7 +127,7 @@ class ConditionEmbedding(nn.Module):
         return self.memoized("embedding", logsnr, class_labels, lambda: self._embed(logsnr, class_labels))
 
     def _embed(self, logsnr: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        embedding = self.mlp(self.sinusoidal(logsnr).to(self.mlp.linear_1.bias.dtype))
+        embedding = self.mlp(self.sinusoidal(logsnr_to_timestep(logsnr)).to(self.mlp.linear_1.bias.dtype))
         if self.class_embedding is not None:
             if class_labels is None:
                 class_labels = torch.full_like(logsnr, self.num_class_embeds, dtype=torch.long)

@@ -13,9 +13,9 @@ from diffusers.utils import BaseOutput
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..hub import SafeLoadingMixin
 from ..validation import check_channels, check_positive_int, check_positive_ints, check_sample
 from .embeddings import ConditionEmbedding, maybe_spectral_norm, prepare_condition
+from .loading import ArchitectureCheckingMixin
 
 
 @dataclass
@@ -59,12 +59,13 @@ class EnergyCondition(NamedTuple):
 
 
 class EnergyResBlock(nn.Module):
-    """LeakyReLU, 3x3 conv, + dense(embedding), LeakyReLU, 3x3 conv, x scale, + shortcut (Table 5a).
+    """LeakyReLU, 3x3 conv, + embedding term, LeakyReLU, 3x3 conv, x scale, + shortcut (Table 5a).
 
-    The per-channel ``residual_scale`` (not spectrally normalised) starts at zero, so every block starts as the
-    identity, as the near-zero, lower-bounded second convolution of the reference EBM does. It is applied to the
-    second convolution's (normalised) weights rather than to its output: the same function, one pass over the
-    activations fewer in the forward and in the backward pass.
+    The embedding term is LeakyReLU(dense(LeakyReLU(embedding))); the shortcut is a 3x3 convolution when the number
+    of channels changes, the identity otherwise; the per-channel ``residual_scale`` (not spectrally normalised)
+    starts at one. These are the details of the authors' EBM, so its weights load unchanged. The scale is applied
+    to the second convolution's (normalised) weights rather than to its output: the same function, one pass over
+    the activations fewer in the forward and in the backward pass.
 
     With ``gradient_checkpointing`` (set by ``EnergyModel.enable_gradient_checkpointing``) a training-mode forward
     keeps only the block's input for the backward pass and recomputes the rest. The spectrally normalised weights
@@ -79,14 +80,14 @@ class EnergyResBlock(nn.Module):
         self.conv1 = maybe_spectral_norm(nn.Conv2d(in_channels, out_channels, 3, padding=1), use_spectral_norm)
         self.embedding_proj = maybe_spectral_norm(nn.Linear(embedding_dim, out_channels), use_spectral_norm)
         self.conv2 = maybe_spectral_norm(nn.Conv2d(out_channels, out_channels, 3, padding=1), use_spectral_norm)
-        self.residual_scale = nn.Parameter(torch.zeros(out_channels))
+        self.residual_scale = nn.Parameter(torch.ones(out_channels))
         self.shortcut = nn.Identity()
         if in_channels != out_channels:
-            self.shortcut = maybe_spectral_norm(nn.Conv2d(in_channels, out_channels, 1), use_spectral_norm)
+            self.shortcut = maybe_spectral_norm(nn.Conv2d(in_channels, out_channels, 3, padding=1), use_spectral_norm)
         self.gradient_checkpointing = False
 
     def forward(self, hidden: torch.Tensor, embedding_bias: torch.Tensor) -> torch.Tensor:
-        """The block on ``hidden`` with ``embedding_bias = embedding_proj(embedding)`` of shape (batch, channels)."""
+        """The block on ``hidden`` with the ``embedding_bias(embedding)`` term of shape (batch, channels)."""
         scale = self.residual_scale
         weights = [
             self.conv1.weight,
@@ -102,7 +103,8 @@ class EnergyResBlock(nn.Module):
         return _residual_block(hidden, bias, self.act.negative_slope, *weights)
 
     def embedding_bias(self, embedding: torch.Tensor) -> torch.Tensor:
-        return self.embedding_proj(embedding)
+        """LeakyReLU(dense(embedding)) for an already activated ``embedding`` of shape (batch, embedding_dim)."""
+        return self.act(self.embedding_proj(embedding))
 
 
 def _residual_block(
@@ -120,28 +122,32 @@ def _residual_block(
     residual = F.conv2d(F.leaky_relu(hidden, negative_slope), conv1_weight, conv1_bias, padding=1) + bias
     residual = F.conv2d(F.leaky_relu(residual, negative_slope), conv2_weight, conv2_bias, padding=1)
     if shortcut_weight is not None:
-        hidden = F.conv2d(hidden, shortcut_weight, shortcut_bias)
+        hidden = F.conv2d(hidden, shortcut_weight, shortcut_bias, padding=1)
     return hidden + residual
 
 
-class EnergyModel(SafeLoadingMixin, ModelMixin, ConfigMixin):
+class EnergyModel(ArchitectureCheckingMixin, ModelMixin, ConfigMixin):
     r"""The negative energy f_hat(y; lambda) of one CDRL level, for images.
 
-    Defaults are the paper's 32x32 EBM (App. A.1, Table 6): a 3x3 conv to 128 channels, four resolutions with
-    channels (128, 256, 256, 256) and 8 residual blocks each, 2x2 average pooling between resolutions, LeakyReLU 0.2,
-    then ReLU, a spatial sum and a readout whose weights depend on the log-SNR: f_hat = sum_c h_c w_c(lambda, c).
-    Spectral normalisation (``torch.nn.utils.parametrizations.spectral_norm``) wraps every conv and dense layer except
-    that readout and the per-block scales. The log-SNR (not the level index) conditions the network (App. A.3).
+    Defaults are the paper's 32x32 EBM (App. A.1, Table 6; 34,833,152 parameters): a 3x3 conv to 128 channels, four
+    resolutions with channels (128, 256, 256, 256) and 8 residual blocks each, 2x2 average pooling between
+    resolutions, LeakyReLU 0.2, then ReLU, a spatial sum and a bias-free readout whose weights depend on the log-SNR:
+    f_hat = sum_c h_c w_c(lambda, class), w = dense(LeakyReLU(embedding)). Spectral normalisation
+    (``torch.nn.utils.parametrizations.spectral_norm``) wraps every conv and dense layer except that readout and the
+    per-block scales. The log-SNR (not the level index) conditions the network (App. A.3, ``logsnr_to_timestep``);
+    the sinusoidal features have ``block_out_channels[0]`` entries. These are the authors' networks layer for layer:
+    ``cdrl_diffusers.conversion`` loads their released checkpoints.
 
     Args:
         sample_size: height and width of the inputs.
         in_channels: image channels.
         block_out_channels: channels per resolution; the resolution halves between consecutive entries.
         layers_per_block: residual blocks per resolution (N in Table 6).
-        embedding_dim: width of the log-SNR/class embedding (512 in the paper).
+        embedding_dim: width of the log-SNR/class embedding (512 in the paper, four times the first width).
         negative_slope: slope of the LeakyReLU activations.
-        num_class_embeds: number of classes of a conditional model (``None``: unconditional). Index
-            ``num_class_embeds`` is the null class used when ``class_labels`` is ``None``.
+        num_class_embeds: number of classes of a conditional model (``None``: unconditional). Label
+            ``num_class_embeds`` is the null class used when ``class_labels`` is ``None``. The 1000-class model has
+            35,346,176 parameters.
         class_names: optional names of the classes, so pipelines accept ``class_labels=["cat"]``.
         use_spectral_norm: apply spectral normalisation (the paper always does).
 
@@ -195,7 +201,7 @@ class EnergyModel(SafeLoadingMixin, ModelMixin, ConfigMixin):
                     EnergyResBlock(channels, out_channels, embedding_dim, negative_slope, use_spectral_norm)
                 )
                 channels = out_channels
-        self.readout = nn.Linear(embedding_dim, block_out_channels[-1])
+        self.readout = nn.Linear(embedding_dim, block_out_channels[-1], bias=False)
 
     def embed_condition(self, logsnr: torch.Tensor, class_labels: torch.Tensor | None = None) -> EnergyCondition:
         """Everything in f_hat that depends on (log-SNR, class) alone: each block's embedding bias and the readout.
@@ -236,9 +242,7 @@ class EnergyModel(SafeLoadingMixin, ModelMixin, ConfigMixin):
         self._check_sample(sample)
         logsnr, class_labels = prepare_condition(sample, logsnr, class_labels, self.config.num_class_embeds)
         if condition is None:
-            condition = self.embedding.memoized(
-                "energy_model", logsnr, class_labels, lambda: self.embed_condition(logsnr, class_labels)
-            )
+            condition = self.embed_condition(logsnr, class_labels)
         elif not isinstance(condition, EnergyCondition):
             raise TypeError(f"`condition` must come from `embed_condition`, got {type(condition).__name__}.")
 
