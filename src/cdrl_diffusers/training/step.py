@@ -105,6 +105,7 @@ def cdrl_training_step(
     generator: torch.Generator | None = None,
     label_dropout: float = 0.1,
     precision: str | None = None,
+    initializer_target: str = "refined",
 ) -> CDRLTrainingOutput:
     r"""Losses of one CDRL iteration (Algorithm 1) on a batch of clean data in [-1, 1].
 
@@ -114,7 +115,8 @@ def cdrl_training_step(
        gradients: y_tilde_t.
     4. EBM loss (Eq. 7 with the level weights w_t): mean_b w_t (f_hat(y_tilde_t) - f_hat(y_t^+)).
     5. Initializer loss (Eq. 8 without the 1 / (2 sigma_tilde^2) factor): mean_b sum (y_tilde_t - y_hat_t)^2, with
-       gradients into g through y_hat_t.
+       gradients into g through y_hat_t. With ``initializer_target="data"`` the target is y_t^+ instead of y_tilde_t
+       (the "CDRL(data)" variant of App. G.2).
 
     Args:
         energy_model: the EBM (possibly wrapped by DDP); the EBM loss back-propagates into it.
@@ -128,6 +130,8 @@ def cdrl_training_step(
         precision: autocast dtype of the network evaluations (``acceleration.precision_context``): ``None`` keeps the
             caller's setting (e.g. Accelerate's ``--mixed_precision``), or ``"fp32"``, ``"bf16"``, ``"fp16"``. The
             Langevin state, noise and losses are float32 in every mode.
+        initializer_target: what the initializer regresses on: ``"refined"`` (y_tilde_t, Eq. 8, cooperative
+            training) or ``"data"`` (y_t^+, App. G.2).
 
     For tight memory, ``energy_model.enable_gradient_checkpointing()`` stops the positive and negative passes of the
     EBM loss from holding their activations until the backward pass (docs/performance.md gives the cost).
@@ -139,6 +143,8 @@ def cdrl_training_step(
             f"`clean_samples` must be a non-empty batch (batch, ...), got shape {tuple(clean_samples.shape)}."
         )
     check_probability(label_dropout, "label_dropout")
+    if initializer_target not in ("refined", "data"):
+        raise ValueError(f"`initializer_target` must be 'refined' or 'data', got {initializer_target!r}.")
     check_generator(generator)
     batch, device, num_levels = clean_samples.shape[0], clean_samples.device, scheduler.num_noise_levels
     sampling_energy_model = _unwrap(energy_model)
@@ -191,7 +197,8 @@ def cdrl_training_step(
     neg_energy_positive, neg_energy_negative = neg_energy.chunk(2)
     loss_weight = scheduler.loss_weight.to(device)[timesteps]
     ebm_losses = loss_weight * (neg_energy_negative - neg_energy_positive)
-    initializer_losses = (refined.detach() - proposal).pow(2).flatten(1).sum(dim=1)
+    target = refined.detach() if initializer_target == "refined" else positive
+    initializer_losses = (target - proposal).pow(2).flatten(1).sum(dim=1)
 
     level_values = {
         "ebm_loss": ebm_losses,

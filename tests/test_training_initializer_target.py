@@ -1,0 +1,44 @@
+"""The initializer's regression target of the training step: the refined sample (Eq. 8) or the data (App. G.2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import QuadraticEnergy, ShiftInitializer
+
+from cdrl_diffusers import CDRLScheduler, cdrl_training_step
+
+
+def step(initializer_target: str):
+    energy, initializer = QuadraticEnergy(data_dim=3, curvature=4.0), ShiftInitializer(data_dim=3)
+    scheduler = CDRLScheduler(num_langevin_steps=2)
+    clean = torch.rand(6, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    generator = torch.Generator().manual_seed(0)
+    output = cdrl_training_step(
+        energy, initializer, scheduler, clean, generator=generator, initializer_target=initializer_target
+    )
+    return output, initializer, scheduler, clean
+
+
+def test_data_target_regresses_the_initializer_on_the_noisy_data():
+    data, initializer, scheduler, clean = step("data")
+    refined, _, _, _ = step("refined")
+    assert torch.equal(data.ebm_loss, refined.ebm_loss)  # same draws, same EBM loss
+    assert data.initializer_loss != refined.initializer_loss
+
+    # y_t^+ and the proposal y_hat_t from the same draws (Eq. 9 and Eq. 6): the loss is their squared distance.
+    replay = torch.Generator().manual_seed(0)
+    timesteps = torch.randint(0, scheduler.num_noise_levels, (6,), generator=replay)
+    positive, noisier = scheduler.training_pair(clean, timesteps, torch.randn(6, 3, generator=replay))
+    mean = initializer(noisier, scheduler.initializer_logsnr(timesteps)).sample
+    proposal = scheduler.initializer_proposal(mean, timesteps, torch.randn(6, 3, generator=replay))
+    expected = (positive - proposal).pow(2).sum(1).mean()
+    assert data.initializer_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    data.initializer_loss.backward()
+    assert initializer.shifts.grad is not None and initializer.shifts.grad.abs().sum() > 0
+
+
+def test_unknown_initializer_target_is_refused():
+    with pytest.raises(ValueError, match="initializer_target"):
+        step("noise")
