@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .validation import cli_device, cli_non_negative_float, cli_non_negative_int, cli_positive_int
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 DESCRIPTION = """\
@@ -24,27 +26,8 @@ examples:
   cdrl-diffusers inpaint outputs/cdrl-shapes --image photo.png --mask mask.png --num-samples 4 --output filled.png
   cdrl-diffusers compose outputs/cdrl-attributes --concept shape=circle --concept color=red --guidance-scale 1
   cdrl-diffusers score outputs/cdrl-shapes test_images/ --out-of-distribution other_images/ --output scores.json
+  cdrl-diffusers convert Cifar_10_best.pth.tar models/cdrl-cifar10
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
 
 
 def _label(text: str) -> int | str:
@@ -60,18 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("model", metavar="MODEL", help="a saved pipeline folder or a Hub repo id")
-        sub.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+        sub.add_argument(
+            "--device", type=cli_device, default=None, help="torch device (default: cuda if available, else cpu)"
+        )
         sub.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of MODEL")
         sub.add_argument("--local-files-only", action="store_true", help="never contact the Hub; use the cache")
 
     def add_sampling(sub: argparse.ArgumentParser, count_name: str, count_help: str) -> None:
-        sub.add_argument(count_name, type=_positive_int, default=8, help=count_help)
-        sub.add_argument("--batch-size", type=_positive_int, default=16, help="images per pipeline call (default 16)")
+        sub.add_argument(count_name, type=cli_positive_int, default=8, help=count_help)
+        sub.add_argument(
+            "--batch-size", type=cli_positive_int, default=16, help="images per pipeline call (default 16)"
+        )
         sub.add_argument(
             "--num-langevin-steps",
-            type=_positive_int,
+            type=cli_non_negative_int,
             default=None,
-            help="Langevin steps per level; other values than the trained K apply the sampling adjustment",
+            help="Langevin steps per level; other values than the trained K apply the sampling adjustment, 0 keeps "
+            "the initializer's proposals",
         )
         sub.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
         sub.add_argument("--output", type=Path, required=True, help="PNG file for the image grid")
@@ -86,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-label", type=_label, action="append", help="class id or name (repeat for several; cycled)"
     )
     sample.add_argument(
-        "--guidance-scale", type=_non_negative_float, default=0.0, help="classifier-free guidance w (default 0)"
+        "--guidance-scale", type=cli_non_negative_float, default=0.0, help="classifier-free guidance w (default 0)"
     )
 
     inpaint = commands.add_parser(
@@ -97,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--image", type=Path, required=True, help="the image to complete")
     inpaint.add_argument("--mask", type=Path, required=True, help="mask image: white = generate, black = keep")
     inpaint.add_argument("--class-label", type=_label, default=None, help="class id or name for conditional models")
-    inpaint.add_argument("--guidance-scale", type=_non_negative_float, default=0.0, help="guidance w (default 0)")
+    inpaint.add_argument("--guidance-scale", type=cli_non_negative_float, default=0.0, help="guidance w (default 0)")
     inpaint.add_argument("--resize", action="store_true", help="resize image and mask to the model's resolution")
 
     compose = commands.add_parser(
@@ -109,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling(compose, "--num-images", "number of images (default 8)")
     compose.add_argument("--concept", type=_label, action="append", required=True, help="class id or name (repeat)")
     compose.add_argument("--concept-weight", type=float, action="append", help="weight per concept (default 1 + w)")
-    compose.add_argument("--guidance-scale", type=_non_negative_float, default=0.0, help="guidance w (default 0)")
+    compose.add_argument("--guidance-scale", type=cli_non_negative_float, default=0.0, help="guidance w (default 0)")
     compose.add_argument(
         "--product-of-experts", action="store_true", help="the Du et al. (2020) baseline without the negative term"
     )
@@ -130,18 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="files or folders of a shifted set: also report the AUROC of separating it from IMAGES",
     )
     score.add_argument("--class-label", type=_label, default=None, help="score the class-conditional density")
-    score.add_argument("--noise-level", type=int, default=0, help="pair t whose EBM scores the images (default 0)")
+    score.add_argument(
+        "--noise-level", type=cli_non_negative_int, default=0, help="pair t whose EBM scores the images (default 0)"
+    )
     score.add_argument("--resize", action="store_true", help="resize images to the model's resolution")
-    score.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass")
+    score.add_argument("--batch-size", type=cli_positive_int, default=256, help="images per forward pass")
     score.add_argument("--output", type=Path, default=None, help="write the scores (and AUROC) as JSON")
+    convert = commands.add_parser(
+        "convert",
+        help="convert a checkpoint of the authors' code into a pipeline folder",
+        description="Convert a checkpoint of the authors' CDRL code (e.g. Cifar_10_best.pth.tar, cond_best.pth.tar) "
+        "into a CDRLPipeline folder. The file is read with torch.load(weights_only=True): no code in it runs.",
+    )
+    convert.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="the .pth.tar file")
+    convert.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="the folder to create (new or empty)")
+    convert.add_argument("--no-ema", action="store_true", help="convert the raw weights instead of their EMA")
+    convert.add_argument(
+        "--class-names", type=Path, default=None, help="text file with one class name per line, in label order"
+    )
     return parser
 
 
 def _load(pipeline_class: type, args: argparse.Namespace):
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        raise ValueError(f"--device {args.device!r} is not a torch device ({error})") from error
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = pipeline_class.from_pretrained(args.model, revision=args.revision, local_files_only=args.local_files_only)
     pipe.set_progress_bar_config(desc="noise levels", leave=False)
     return pipe.to(device)
@@ -310,7 +309,31 @@ def run_score(args: argparse.Namespace) -> None:
         print(f"Wrote {args.output}")
 
 
-COMMANDS = {"sample": run_sample, "inpaint": run_inpaint, "compose": run_compose, "score": run_score}
+def run_convert(args: argparse.Namespace) -> None:
+    from .conversion import convert_official_checkpoint
+
+    class_names = None
+    if args.class_names is not None:
+        if not args.class_names.is_file():
+            raise FileNotFoundError(f"No such class-names file: {args.class_names}")
+        class_names = [line.strip() for line in args.class_names.read_text(encoding="utf-8").splitlines()]
+        while class_names and not class_names[-1]:
+            class_names.pop()
+    pipe = convert_official_checkpoint(
+        args.checkpoint, args.output_dir, use_ema=not args.no_ema, class_names=class_names
+    )
+    classes = pipe.energy_model.config.num_class_embeds
+    kind = f"class-conditional, {classes} classes" if classes else "unconditional"
+    print(f"Wrote a CDRLPipeline ({kind}, {'raw' if args.no_ema else 'EMA'} weights) to {args.output_dir}")
+
+
+COMMANDS = {
+    "sample": run_sample,
+    "inpaint": run_inpaint,
+    "compose": run_compose,
+    "score": run_score,
+    "convert": run_convert,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
