@@ -4,8 +4,9 @@ Both paths use the same weights, latents, labels and generator seed, so their sa
 are checked against the naive samples with a stated tolerance; the reduced-precision modes report their deviation
 (their effect on sample quality is measured on trained models, see docs/performance.md).
 
-Modes: ``naive``, or ``fp32`` / ``bf16`` / ``fp16`` (the pipeline's ``precision``) with optional suffixes
-``_cl`` (channels_last models), ``_compile`` (``torch_compile=True``) and ``_graph`` (``cuda_graph=True``, CUDA only).
+Modes: ``naive``, or ``fp32`` / ``bf16`` / ``fp16`` (the networks under ``torch.autocast`` of that dtype) with
+optional suffixes ``_cl`` (channels_last models), ``_compile`` (``fold_spectral_norm`` then ``torch.compile`` on the
+EBM) and ``_graph`` (``pipe.enable_cuda_graph()``, CUDA only).
 The repeats of all modes are interleaved, so a load change on a shared machine hits every mode alike.
 
     flock /tmp/cdrl_heavy.lock python benchmarks/bench_sampling.py --arch paper --batch-size 8 --levels 2 --steps 2
@@ -37,10 +38,10 @@ from perf_utils import (  # noqa: E402
     timed,
 )
 
-from cdrl_diffusers import CDRLPipeline, CDRLScheduler, ConditionWeights  # noqa: E402
-from cdrl_diffusers.guidance import weighted_model_output  # noqa: E402
-from cdrl_diffusers.models.embeddings import ConditionEmbedding  # noqa: E402
-from cdrl_diffusers.sampling import frozen, neg_energy_and_grad, precision_context  # noqa: E402
+from cdrl_diffusers import CDRLPipeline, CDRLScheduler, ConditionWeights, fold_spectral_norm  # noqa: E402
+from cdrl_diffusers.acceleration import precision_context  # noqa: E402
+from cdrl_diffusers.guidance import embed_terms, weighted_model_output  # noqa: E402
+from cdrl_diffusers.sampling import energy_gradient, frozen  # noqa: E402
 
 NUM_CLASSES = 10
 FP32_TOLERANCE = 1e-4  # max |x_0 difference| between the fp32 modes and the naive baseline, data in [-1, 1]
@@ -64,21 +65,33 @@ def parse_mode(name: str) -> dict:
     }
 
 
+def build_pipeline(energy, initializer, scheduler, spec: dict) -> CDRLPipeline:
+    """The pipeline of one mode: channels_last copies, a folded and compiled EBM, CUDA graphs, as a user sets them."""
+    if spec["channels_last"]:
+        energy = copy.deepcopy(energy).to(memory_format=torch.channels_last)
+        initializer = copy.deepcopy(initializer).to(memory_format=torch.channels_last)
+    if spec["torch_compile"]:
+        energy = fold_spectral_norm(energy)
+        energy.compile(dynamic=False)
+    pipe = CDRLPipeline(energy, initializer, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    if spec["cuda_graph"]:
+        pipe.enable_cuda_graph()
+    return pipe
+
+
 def sampling_runs(args, arch: str, device: torch.device) -> dict:
     energy, initializer = build_models(arch, NUM_CLASSES, device)
     scheduler = CDRLScheduler(num_noise_levels=args.levels, num_langevin_steps=args.steps)
-    pipelines = {False: CDRLPipeline(energy, initializer, scheduler)}
-    if any(parse_mode(mode)["channels_last"] for mode in args.modes):
-        pipelines[True] = CDRLPipeline(
-            copy.deepcopy(energy).to(memory_format=torch.channels_last),
-            copy.deepcopy(initializer).to(memory_format=torch.channels_last),
-            scheduler,
-        )
-    for pipe in pipelines.values():
-        pipe.set_progress_bar_config(disable=True)
+    pipelines = {
+        mode: build_pipeline(energy, initializer, scheduler, parse_mode(mode))
+        for mode in args.modes
+        if not parse_mode(mode)["naive"]
+    }
     batch = args.batch_size
     inputs = torch.Generator().manual_seed(args.seed)
-    latents = torch.randn(batch, *pipelines[False].sample_shape, generator=inputs).to(device)
+    size = energy.config.sample_size
+    latents = torch.randn(batch, energy.config.in_channels, size, size, generator=inputs).to(device)
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=inputs).to(device)
 
     def runner(mode: str, guidance_scale: float):
@@ -88,19 +101,15 @@ def sampling_runs(args, arch: str, device: torch.device) -> dict:
             generator = torch.Generator(device).manual_seed(args.seed)
             if spec["naive"]:
                 return naive_sample(energy, initializer, scheduler, latents, labels, guidance_scale, None, generator)
-            pipe = pipelines[spec["channels_last"]]
-            images = pipe(
-                batch_size=batch,
-                class_labels=labels,
-                guidance_scale=guidance_scale,
-                latents=latents,
-                generator=generator,
-                output_type="pt",
-                precision=spec["precision"],
-                torch_compile=spec["torch_compile"],
-                cuda_graph=spec["cuda_graph"],
-            ).images
-            return images * 2 - 1
+            with precision_context(spec["precision"], device):
+                return pipelines[mode](
+                    batch_size=batch,
+                    class_labels=labels,
+                    guidance_scale=guidance_scale,
+                    latents=latents,
+                    generator=generator,
+                    output_type="latent",
+                ).images
 
         return run
 
@@ -187,7 +196,7 @@ def measure_work(energy, initializer, latents, logsnr, terms, initializer_terms)
     """FLOPs of one guided gradient evaluation and one initializer pass, and the convolutions the EBM runs."""
 
     def gradient():
-        return neg_energy_and_grad(energy, latents, logsnr, terms)
+        return energy_gradient(energy, latents, logsnr, terms, embed_terms(energy, logsnr, terms, latents.shape[0]))
 
     with frozen(energy, initializer):
         gradient_flops = count_flops(gradient)
@@ -213,36 +222,32 @@ def ablation(args, energy, scheduler, latents, labels, device) -> dict:
         neg_energy = _guided(model, y, logsnr.item(), labels, args.guidance_scale, "neg_energy")
         return torch.autograd.grad(neg_energy.sum(), y)[0]
 
-    def batched(model):
-        return neg_energy_and_grad(model, latents, logsnr, terms)[1]
+    def batched(model, cached):
+        condition = embed_terms(model, logsnr, terms, latents.shape[0]) if cached else None
+        return [energy_gradient(model, latents, logsnr, terms, condition) for _ in range(2)][-1]
+
+    def two_passes_each(model, cached):
+        return [two_passes(model) for _ in range(2)][-1]
 
     def configuration(gradient, frozen_params=True, cached=True, textbook=False, model=energy, precision="fp32"):
-        embeddings = [m for m in model.modules() if isinstance(m, ConditionEmbedding)]
-
         def run():
             flags = [(p, p.requires_grad) for p in model.parameters()]
             model.requires_grad_(not frozen_params)
             caches = parametrize.cached() if cached else nullcontext()
             try:
                 with caches, textbook_blocks() if textbook else nullcontext(), precision_context(precision, device):
-                    for module in embeddings:
-                        module._cache = [] if cached else None
-                    for _ in range(2):
-                        result = gradient(model)
-                return result
+                    return gradient(model, cached)
             finally:
-                for module in embeddings:
-                    module._cache = None
                 for param, flag in flags:
                     param.requires_grad_(flag)
 
         return run
 
     steps = {
-        "naive: params require grad, 2 passes": configuration(two_passes, False, False, True),
-        "+ no parameter gradients": configuration(two_passes, True, False, True),
-        "+ SN weights and conditioning cached": configuration(two_passes, True, True, True),
-        "+ guidance terms in one batched pass": configuration(batched, True, True, True),
+        "naive: params require grad, 2 passes": configuration(two_passes_each, False, False, True),
+        "+ no parameter gradients": configuration(two_passes_each, True, False, True),
+        "+ SN weights cached": configuration(two_passes_each, True, True, True),
+        "+ terms batched, conditioning embedded once": configuration(batched, True, True, True),
         "+ residual scale folded (library fp32)": configuration(batched),
         "+ channels_last": configuration(batched, model=energy_cl),
         "bf16 autocast": configuration(batched, precision="bf16"),

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
-from cdrl_diffusers import CDRLPipeline, CDRLSampler, ConditionWeights  # noqa: E402
+from cdrl_diffusers import CDRLPipeline  # noqa: E402
 from cdrl_diffusers.data import load_digits_dataset  # noqa: E402
 from cdrl_diffusers.evaluation import (  # noqa: E402
     ClassifierFeatures,
@@ -148,21 +148,18 @@ def generate(
         chunk = labels[start : start + batch_size]
         generator = torch.Generator().manual_seed(seed + index)
         latents = randn_tensor((len(chunk), *pipeline.sample_shape), generator=generator, dtype=torch.float32)
-        energy_weights = ConditionWeights.classifier_free_guidance(chunk, guidance_scale)
-        sampler = CDRLSampler(
-            pipeline.energy_model,
-            pipeline.initializer,
-            pipeline.scheduler,
-            energy_weights=energy_weights,
-            initializer_weights=pipeline._initializer_weights(energy_weights),
-            batch_size=len(chunk),
-            device=torch.device("cpu"),
-            num_langevin_steps=num_langevin_steps,
-            generator=generator,
-            use_initializer=use_initializer,
-        )
         begin = time.perf_counter()
-        samples.append(sampler.run(latents))
+        output = pipeline(
+            batch_size=len(chunk),
+            class_labels=chunk,
+            guidance_scale=guidance_scale,
+            num_langevin_steps=num_langevin_steps,
+            use_initializer=use_initializer,
+            generator=generator,
+            latents=latents,
+            output_type="latent",
+        )
+        samples.append(output.images)
         seconds += time.perf_counter() - begin
     return torch.cat(samples), seconds
 

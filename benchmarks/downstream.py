@@ -31,7 +31,7 @@ import torch
 from diffusers.utils import make_image_grid
 from scipy import ndimage
 
-from cdrl_diffusers import CDRLComposePipeline, CDRLInpaintPipeline, CDRLSampler, ConditionWeights
+from cdrl_diffusers import CDRLComposePipeline, CDRLInpaintPipeline
 from cdrl_diffusers.data import COLORS, SHAPES, load_digits_dataset, load_shapes_dataset
 from cdrl_diffusers.evaluation import OOD_SHIFTS, ood_auroc, shift_images
 
@@ -129,21 +129,21 @@ def train(args: argparse.Namespace, model_dir: Path) -> float:
     return time.time() - start
 
 
-def precision(args: argparse.Namespace) -> str:
-    """The sampler's network precision: bf16 autocast (AMX on this CPU) or float32."""
-    return "bf16" if args.mixed_precision == "bf16" else "fp32"
+def network_precision(args: argparse.Namespace) -> torch.autocast:
+    """The networks' precision while sampling: bf16 autocast (AMX on this CPU) or float32; the chain stays float32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
 
 
 def compose_samples(args, pipe, concepts, method, guidance_scale, seed) -> np.ndarray:
-    return pipe(
-        concepts,
-        guidance_scale=guidance_scale,
-        batch_size=args.num_compose_samples,
-        generator=torch.Generator().manual_seed(seed),
-        product_of_experts=method == "poe",
-        output_type="np",
-        precision=precision(args),
-    ).images
+    with network_precision(args):
+        return pipe(
+            concepts,
+            guidance_scale=guidance_scale,
+            batch_size=args.num_compose_samples,
+            generator=torch.Generator().manual_seed(seed),
+            product_of_experts=method == "poe",
+            output_type="np",
+        ).images
 
 
 def composition(args: argparse.Namespace, pipe: CDRLComposePipeline, figures: Path) -> dict:
@@ -194,19 +194,10 @@ def unconditional_reference(args: argparse.Namespace, pipe: CDRLComposePipeline)
     """Unconditional samples (the null-class energy): how often they show a valid shape, and the pair accuracy
     expected when they are checked against a uniformly drawn target pair (chance level of the composition task)."""
     num_samples = 9 * args.num_compose_samples
-    sampler = CDRLSampler(
-        pipe.energy_model,
-        pipe.initializer,
-        pipe.scheduler,
-        energy_weights=ConditionWeights.unconditional(),
-        initializer_weights=ConditionWeights.unconditional(),
-        batch_size=num_samples,
-        device=torch.device("cpu"),
-        precision=precision(args),
-    )
     generator = torch.Generator().manual_seed(args.seed)
-    images = sampler.run(torch.randn(num_samples, 3, RESOLUTION, RESOLUTION, generator=generator))
-    array = ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    latents = torch.randn(num_samples, 3, RESOLUTION, RESOLUTION, generator=generator)
+    with network_precision(args):  # Eq. 14 with gamma = 0: the null-class energy alone
+        array = pipe(0, concept_weights=[0.0], batch_size=num_samples, latents=latents, output_type="np").images
     found = detect_batch(array)
     counts: dict[str, int] = {}
     for shape, colour in found:
@@ -277,13 +268,13 @@ def inpainting(args: argparse.Namespace, pipe: CDRLComposePipeline, figures: Pat
     for kind in INPAINT_MASKS:
         masked = inpainting_mask(kind)
         generators = [torch.Generator().manual_seed(args.seed + index) for index in range(len(truth) * seeds)]
-        outputs = inpaint(
-            to_model_input(np.repeat(truth, seeds, axis=0)),
-            torch.from_numpy(masked.astype(np.float32)),
-            generator=generators,
-            output_type="np",
-            precision=precision(args),
-        ).images.reshape(len(truth), seeds, *truth.shape[1:])
+        with network_precision(args):
+            outputs = inpaint(
+                to_model_input(np.repeat(truth, seeds, axis=0)),
+                torch.from_numpy(masked.astype(np.float32)),
+                generator=generators,
+                output_type="np",
+            ).images.reshape(len(truth), seeds, *truth.shape[1:])
 
         fills = {
             "fill: training mean image": np.where(masked[None, :, :, None], mean_image[None], truth),

@@ -10,8 +10,8 @@ Two trained models, each scored by the metrics of its own benchmark (their code 
 Each precision is run with several sampling seeds. The verdict compares the fp32-bf16 difference of each metric's
 mean with the noise of that mean: the seed-to-seed standard deviation, pooled over both precisions, divided by
 sqrt(seeds) and multiplied by sqrt(2) for a difference of two means. bf16 means ``torch.autocast(bfloat16)`` around
-sampling, which ``CDRLSampler`` follows (its ``precision=None``): the networks run in bf16, while the Langevin
-state, the quadratic term and the noise stay float32.
+sampling, which the pipelines follow: the networks run in bf16, while the Langevin state, the quadratic term and the
+noise stay float32.
 
     flock /tmp/cdrl_heavy.lock python benchmarks/precision_quality.py --toy_dir outputs/toy_2d \\
         --digits_dir outputs/digits_cdrl
