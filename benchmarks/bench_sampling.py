@@ -29,8 +29,6 @@ from naive import _guided, naive_sample, textbook_blocks  # noqa: E402
 from perf_utils import (  # noqa: E402
     add_run_arguments,
     build_models,
-    conv_peak,
-    conv_shapes,
     count_flops,
     fmt_bytes,
     run_architectures,
@@ -123,7 +121,7 @@ def sampling_runs(args, arch: str, device: torch.device) -> dict:
         weights = ConditionWeights.classifier_free_guidance(labels, guidance_scale)
         terms = weights.stack(NUM_CLASSES, batch, device)
         initializer_terms = weights.for_initializer().stack(NUM_CLASSES, batch, device)
-        gradient_flops, initializer_flops, shapes = measure_work(
+        gradient_flops, initializer_flops = measure_work(
             energy, initializer, latents, scheduler.energy_logsnr(0, device=device), terms, initializer_terms
         )
         flops = gradient_evaluations * gradient_flops + args.levels * initializer_flops
@@ -136,10 +134,6 @@ def sampling_runs(args, arch: str, device: torch.device) -> dict:
             memory[mode] = 0
             if parse_mode(mode)["torch_compile"]:
                 results.setdefault("compile_s", {})[f"{case}/{mode}"] = time.perf_counter() - compile_start
-        peaks: dict = {}
-        keys = {(parse_mode(mode)["precision"], parse_mode(mode)["channels_last"]) for mode in runs}
-        if not args.no_peak:
-            update_peaks(peaks, keys, shapes, device)
         for repeat in range(args.repeats):
             if repeat > 0 and time.perf_counter() - start > args.time_budget:
                 print(f"  time budget reached: {repeat} repeats of {case}", flush=True)
@@ -148,8 +142,6 @@ def sampling_runs(args, arch: str, device: torch.device) -> dict:
                 elapsed, peak, _ = timed(run, device)
                 seconds[mode].append(elapsed)
                 memory[mode] = max(memory[mode], peak)
-        if not args.no_peak:
-            update_peaks(peaks, keys, shapes, device)
         reference = outputs.get("naive")
         naive_median = summary(seconds["naive"])["median_s"] if "naive" in seconds else None
         case_result = {"guidance_scale": guidance_scale, "flops_per_call": flops, "modes": {}}
@@ -162,10 +154,6 @@ def sampling_runs(args, arch: str, device: torch.device) -> dict:
                 "peak_memory_bytes": memory[mode],
                 "achieved_flop_per_s": flops / stats["median_s"],
             }
-            peak = peaks.get((spec["precision"], spec["channels_last"]))
-            if peak:
-                entry["conv_peak_flop_per_s"] = peak["flop_per_s"]
-                entry["fraction_of_conv_peak"] = entry["achieved_flop_per_s"] / peak["flop_per_s"]
             if naive_median:
                 entry["speedup_vs_naive"] = naive_median / stats["median_s"]
             if reference is not None and mode != "naive":
@@ -182,18 +170,8 @@ def sampling_runs(args, arch: str, device: torch.device) -> dict:
     return results
 
 
-def update_peaks(peaks: dict, keys: set, shapes, device: torch.device) -> None:
-    """Keep the best conv peak per (precision, channels_last). Measured before and after the timed runs, so a
-    passing load spike on a shared machine cannot lower the peak below what the convolutions reach."""
-    for precision, channels_last in keys:
-        peak = conv_peak(shapes, device, DTYPES[precision], channels_last)
-        key = (precision, channels_last)
-        if key not in peaks or peak["flop_per_s"] > peaks[key]["flop_per_s"]:
-            peaks[key] = peak
-
-
 def measure_work(energy, initializer, latents, logsnr, terms, initializer_terms):
-    """FLOPs of one guided gradient evaluation and one initializer pass, and the convolutions the EBM runs."""
+    """FLOPs of one guided gradient evaluation and one initializer pass."""
 
     def gradient():
         return energy_gradient(energy, latents, logsnr, terms, embed_terms(energy, logsnr, terms, latents.shape[0]))
@@ -201,8 +179,7 @@ def measure_work(energy, initializer, latents, logsnr, terms, initializer_terms)
     with frozen(energy, initializer):
         gradient_flops = count_flops(gradient)
         initializer_flops = count_flops(lambda: weighted_model_output(initializer, latents, logsnr, initializer_terms))
-        shapes = conv_shapes(gradient)
-    return gradient_flops, initializer_flops, shapes
+    return gradient_flops, initializer_flops
 
 
 def ablation(args, energy, scheduler, latents, labels, device) -> dict:
@@ -289,7 +266,7 @@ def print_case(arch: str, case: str, batch: int, args, result: dict) -> None:
     )
     header = (
         f"  {'mode':<18s}{'median':>9s}{'min':>8s}{'max':>8s}{'IQR':>6s}{'img/s':>8s}{'speedup':>8s}{'GFLOP/s':>9s}"
-        f"{'%peak':>7s}{'peak mem':>10s}{'max|dx| vs naive':>18s}"
+        f"{'peak mem':>10s}{'max|dx| vs naive':>18s}"
     )
     print(header)
     for mode, entry in result["modes"].items():
@@ -301,7 +278,7 @@ def print_case(arch: str, case: str, batch: int, args, result: dict) -> None:
             f"  {mode:<18s}{entry['median_s']:8.2f}s{entry['min_s']:7.2f}s{entry['max_s']:7.2f}s"
             f"{entry['iqr_rel']:6.0%}{entry['images_per_s']:8.2f}"
             f"{entry.get('speedup_vs_naive', float('nan')):7.2f}x{entry['achieved_flop_per_s'] / 1e9:9.1f}"
-            f"{entry.get('fraction_of_conv_peak', float('nan')):7.0%}{fmt_bytes(entry['peak_memory_bytes']):>10s}"
+            f"{fmt_bytes(entry['peak_memory_bytes']):>10s}"
             f"{'' if diff is None else f'{diff:.1e}':>14s}{verdict}",
             flush=True,
         )
@@ -316,7 +293,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cases", nargs="+", default=["guided", "unguided"], choices=["guided", "unguided"])
     parser.add_argument("--modes", nargs="+", default=["naive", "fp32", "fp32_cl", "bf16", "bf16_cl"])
     parser.add_argument("--ablation", action="store_true", help="also time each optimisation on one evaluation")
-    parser.add_argument("--no-peak", action="store_true", help="skip the conv peak measurement")
     args = parser.parse_args(argv)
     for mode in args.modes:
         parse_mode(mode)

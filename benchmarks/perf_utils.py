@@ -1,4 +1,4 @@
-"""Shared helpers of bench_sampling.py and bench_training.py: models, timing, memory, FLOPs and the conv peak."""
+"""Shared helpers of bench_sampling.py and bench_training.py: models, timing, memory and FLOPs."""
 
 from __future__ import annotations
 
@@ -11,13 +11,10 @@ import statistics
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from cdrl_diffusers import EnergyModel, InitializerUNet
@@ -184,58 +181,6 @@ def count_flops(fn: Callable[[], object]) -> int:
     with counter:
         fn()
     return counter.get_total_flops()
-
-
-class _ConvRecorder(TorchDispatchMode):
-    """Records every forward convolution that reaches ATen (modules or ``F.conv2d`` alike)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.convolution.default:
-            sample, weight, _, stride, padding, dilation, transposed, _, groups = args
-            if not transposed and list(dilation) == [1, 1]:
-                key = (tuple(sample.shape), tuple(weight.shape), tuple(stride), tuple(padding), groups, weight.dtype)
-                self.shapes[key] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def conv_shapes(run: Callable[[], object]) -> Counter:
-    """How often each convolution (input shape, weight shape, stride, padding, groups, dtype) runs in ``run``."""
-    with _ConvRecorder() as recorder:
-        run()
-    return recorder.shapes
-
-
-def conv_peak(
-    shapes: Counter, device: torch.device, dtype: torch.dtype, channels_last: bool, repeats: int = 5
-) -> dict[str, float]:
-    """The best throughput of this machine on exactly these convolutions (forward + input gradient, as in Langevin).
-
-    Each distinct convolution runs alone, with no other work, ``repeats`` times; the fastest time counts. The result
-    is the FLOP/s of the whole mix (weighted by how often each convolution runs): the practical peak that the
-    sampling loop's convolutions could reach on this machine in this dtype and memory format.
-    """
-    total_flops = total_seconds = 0.0
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for (input_shape, weight_shape, stride, padding, groups, _), count in shapes.items():
-        weight = torch.randn(weight_shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
-        sample = torch.randn(input_shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
-
-        def step(sample=sample, weight=weight, stride=stride, padding=padding, groups=groups):
-            sample = sample.detach().requires_grad_(True)
-            output = nn.functional.conv2d(sample, weight, None, stride, padding, 1, groups)
-            (grad,) = torch.autograd.grad(output, sample, torch.ones_like(output))
-            return grad
-
-        flops = count_flops(step)
-        step()
-        best = min(wall_seconds(step, device) for _ in range(repeats))
-        total_flops += flops * count
-        total_seconds += best * count
-    return {"flops": total_flops, "seconds": total_seconds, "flop_per_s": total_flops / total_seconds}
 
 
 def environment(device: torch.device) -> dict[str, object]:
