@@ -61,6 +61,7 @@ def create_model_card(
     sample_grid: str | None = None,
     license: str = "apache-2.0",
     extra_tags: tuple[str, ...] = (),
+    description: str | None = None,
 ) -> ModelCard:
     """A model card (README.md with YAML metadata) describing a CDRL pipeline.
 
@@ -76,6 +77,7 @@ def create_model_card(
         sample_grid: path of a sample image, relative to the saved folder.
         license: the licence identifier.
         extra_tags: tags added to the defaults.
+        description: the paragraph under the title, replacing the default one (e.g. for converted checkpoints).
     """
     repo_id = _hub_id(repo_id, "repo_id")
     dataset_id = _hub_id(dataset_id, "dataset_id")
@@ -143,8 +145,9 @@ def create_model_card(
         title += f" trained on {dataset_name}"
     sections = [
         title,
-        "A sequence of energy-based models, one per noise level, each paired with an initializer network, trained by "
-        f"[Cooperative Diffusion Recovery Likelihood]({PAPER_URL}) (Zhu, Xie, Wu & Gao, ICLR 2024) with the "
+        description
+        or "A sequence of energy-based models, one per noise level, each paired with an initializer network, trained "
+        f"by [Cooperative Diffusion Recovery Likelihood]({PAPER_URL}) (Zhu, Xie, Wu & Gao, ICLR 2024) with the "
         "`cdrl_diffusers` library. Sampling starts from Gaussian noise; at each level the initializer proposes a "
         "sample and a few Langevin steps on the energy refine it.",
         "## Usage",
