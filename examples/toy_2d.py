@@ -5,7 +5,7 @@
     python examples/toy_2d.py --dataset 8gaussians --num_train_steps 2000
 
 It trains an ``EnergyMLP`` and an ``InitializerMLP`` with the library's ``cdrl_training_step`` (Algorithm 1), samples
-with ``CDRLSampler`` (Algorithm 2), saves both models and the scheduler with ``save_pretrained``, draws the figure
+with ``CDRLPipeline`` (Algorithm 2), saves both models and the scheduler with ``save_pretrained``, draws the figure
 (rows: data, fitted density exp(f_theta) normalised on a grid, and generated samples, one column per noise level)
 and writes the metrics as JSON: KL(true || model) on the grid and the fraction of samples on the black squares
 (checkerboard), and MMD / sliced Wasserstein distances to held-out data.
@@ -27,13 +27,11 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from cdrl_diffusers import (
-    CDRLSampler,
+    CDRLPipeline,
     CDRLScheduler,
-    ConditionWeights,
     EnergyMLP,
     InitializerMLP,
     cdrl_training_step,
@@ -50,6 +48,7 @@ from cdrl_diffusers.evaluation import (
     mmd_rbf,
     sliced_wasserstein_distance,
 )
+from cdrl_diffusers.training import DivergenceError, TrainingHealthMonitor
 
 MIXED_PRECISION = ("no", "bf16")
 LR_DECAYS = ("constant", "cosine")
@@ -68,8 +67,13 @@ class ToyConfig:
     ebm_learning_rate: float = 1e-3
     initializer_learning_rate: float = 3e-4
     warmup_steps: int = 500
-    # "cosine" multiplies the Eq. 15 warm-up by a half-cosine decay to zero over the run; "constant" is the paper's.
+    # Training stops after ``num_train_steps`` or ``max_train_minutes``, whichever comes first; the learning-rate
+    # decay follows the larger of the two fractions used, so a slower machine runs the whole schedule in fewer steps.
+    max_train_minutes: float = 20.0
+    # "cosine" multiplies the Eq. 15 warm-up by a half-cosine from 1 to ``final_lr_fraction`` over the run;
+    # "constant" is the paper's.
     lr_decay: str = "constant"
+    final_lr_fraction: float = 0.1
     max_grad_norm: float = 1.0
     # A logged per-level |f_hat gap| above this stops training: healthy runs stay below ~0.3, and a run that blew up
     # (finite but exploding energies, seen once at lr 1e-3 with batch 512 after 11.5k steps) jumps to hundreds.
@@ -103,11 +107,14 @@ class ToyConfig:
         positive += ("num_langevin_steps", "energy_hidden_dim", "energy_num_layers", "energy_embedding_dim")
         positive += ("initializer_hidden_dim", "initializer_num_layers", "grid_resolution", "data_scale", "grid_bound")
         positive += ("ebm_learning_rate", "initializer_learning_rate", "max_grad_norm", "langevin_step_size_scale")
+        positive += ("max_train_minutes",)
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"`--{name}` must be positive, got {getattr(self, name)}.")
         if self.warmup_steps < 0:
             raise ValueError(f"`--warmup_steps` must be >= 0, got {self.warmup_steps}.")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError(f"`--final_lr_fraction` must lie in [0, 1], got {self.final_lr_fraction}.")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"`--ema_decay` must lie in [0, 1), got {self.ema_decay}.")
 
@@ -134,11 +141,8 @@ class TrainingLog:
     initializer_loss: list[float] = field(default_factory=list)
     # f_hat(y+) - f_hat(y~) per level: the EBM's margin between data and its own samples.
     neg_energy_gap: list[list[float]] = field(default_factory=list)
+    num_steps: int = 0
     seconds: float = 0.0
-
-
-class DivergenceError(FloatingPointError):
-    """Training produced a non-finite loss or gradient."""
 
 
 def build_models(config: ToyConfig) -> ToyModels:
@@ -170,6 +174,14 @@ def _autocast(mixed_precision: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _decay(config: ToyConfig, progress_fraction: float) -> float:
+    """The learning-rate multiplier after the warm-up: 1, or a half-cosine from 1 to ``final_lr_fraction``."""
+    if config.lr_decay == "constant":
+        return 1.0
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress_fraction, 1.0)))
+    return config.final_lr_fraction + (1.0 - config.final_lr_fraction) * cosine
+
+
 def _format_gaps(gaps: list[float]) -> str:
     return " ".join(f"{gap:+.3g}" for gap in gaps)
 
@@ -193,20 +205,14 @@ def train_toy(
         initializer.parameters(), lr=config.initializer_learning_rate, betas=(0.9, 0.999), weight_decay=0.0
     )
 
-    def decay(step: int) -> float:
-        if config.lr_decay == "constant":
-            return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * min(step / config.num_train_steps, 1.0)))
-
-    lr_schedulers = [
-        LambdaLR(ebm_optimizer, lambda step: warmup_multiplier(step, config.warmup_steps) * decay(step)),
-        LambdaLR(
-            initializer_optimizer,
-            lambda step: warmup_multiplier(step, config.warmup_steps, head_start=500) * decay(step),
-        ),
-    ]
     ema_energy = create_ema_model(energy_model, decay=config.ema_decay)
     ema_initializer = create_ema_model(initializer, decay=config.ema_decay)
+    monitor = TrainingHealthMonitor(scheduler.num_noise_levels, max_neg_energy_gap=config.max_neg_energy_gap)
+    # (optimizer, peak rate, warm-up head start): the initializer starts 500 steps ahead (Eq. 15).
+    optimizers = (
+        (ebm_optimizer, config.ebm_learning_rate, 0),
+        (initializer_optimizer, config.initializer_learning_rate, 500),
+    )
 
     history = TrainingLog()
     sums = {"ebm_loss": 0.0, "initializer_loss": 0.0}
@@ -215,8 +221,19 @@ def train_toy(
     interval = 0
     last_gaps = "none yet"
     start = time.perf_counter()
-    bar = tqdm(range(1, config.num_train_steps + 1), desc="CDRL toy", disable=not progress, mininterval=1.0)
-    for step in bar:
+    budget = 60.0 * config.max_train_minutes
+    bar = tqdm(total=config.num_train_steps, desc="CDRL toy", disable=not progress, mininterval=1.0)
+    step = 0
+    while True:
+        # Training progress in [0, 1]: the share of the steps or of the time budget used, whichever is larger.
+        progress_fraction = max(step / config.num_train_steps, (time.perf_counter() - start) / budget)
+        if progress_fraction >= 1.0:
+            break
+        step += 1
+        for optimizer, learning_rate, head_start in optimizers:
+            rate = learning_rate * warmup_multiplier(step - 1, config.warmup_steps, head_start)
+            for group in optimizer.param_groups:
+                group["lr"] = rate * _decay(config, progress_fraction)
         clean = sample_toy(config.dataset, config.batch_size, generator=generator, scale=config.data_scale)
         with _autocast(config.mixed_precision):
             output = cdrl_training_step(energy_model, initializer, scheduler, clean, generator=generator)
@@ -229,16 +246,16 @@ def train_toy(
         ebm_optimizer.zero_grad(set_to_none=True)
         initializer_optimizer.zero_grad(set_to_none=True)
         (output.ebm_loss + output.initializer_loss).backward()
-        for name, model in (("EBM", energy_model), ("initializer", initializer)):
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            if not torch.isfinite(norm):
-                raise DivergenceError(f"Step {step}: non-finite {name} gradient norm; last f_hat gaps: {last_gaps}.")
+        grad_norms = {
+            name: torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm).item()
+            for name, model in (("ebm", energy_model), ("initializer", initializer))
+        }
+        monitor.update(step, output.level_metrics, grad_norms)
         ebm_optimizer.step()
         initializer_optimizer.step()
-        for lr_scheduler in lr_schedulers:
-            lr_scheduler.step()
         ema_energy.step(energy_model.parameters())
         ema_initializer.step(initializer.parameters())
+        bar.update()
 
         sums["ebm_loss"] += losses[0].item()
         sums["initializer_loss"] += losses[1].item()
@@ -247,18 +264,13 @@ def train_toy(
         gap_sum += torch.where(present, gaps, 0.0)
         gap_count += present.double()
         interval += 1
-        if step % config.log_every == 0 or step == config.num_train_steps:
+        if step % config.log_every == 0:
             level_gaps = torch.where(gap_count > 0, gap_sum / gap_count.clamp_min(1), math.nan).tolist()
             history.steps.append(step)
             history.ebm_loss.append(sums["ebm_loss"] / interval)
             history.initializer_loss.append(sums["initializer_loss"] / interval)
             history.neg_energy_gap.append(level_gaps)
             last_gaps = _format_gaps(level_gaps)
-            if max((abs(gap) for gap in level_gaps if math.isfinite(gap)), default=0.0) > config.max_neg_energy_gap:
-                raise DivergenceError(
-                    f"Step {step}: the EBM is diverging (|f_hat gap| above {config.max_neg_energy_gap}); per-level "
-                    f"gaps: {last_gaps}. Train fewer steps or lower the EBM learning rate (docs/toy_2d.md)."
-                )
             bar.set_postfix(ebm=f"{history.ebm_loss[-1]:.3g}", init=f"{history.initializer_loss[-1]:.3g}")
             if log:
                 tqdm.write(
@@ -270,6 +282,8 @@ def train_toy(
             gap_sum.zero_()
             gap_count.zero_()
             interval = 0
+    bar.close()
+    history.num_steps = step
     history.seconds = time.perf_counter() - start
 
     trained = ToyModels(copy.deepcopy(energy_model).eval(), copy.deepcopy(initializer).eval(), scheduler)
@@ -292,25 +306,20 @@ class ToyEvaluation:
 def sample_levels(
     models: ToyModels, num_samples: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Algorithm 2 from x_T ~ N(0, I): the final (Tweedie-denoised) samples and x_t for t = 0..T-1."""
-    sampler = CDRLSampler(
-        models.energy_model,
-        models.initializer,
-        models.scheduler,
-        energy_weights=ConditionWeights.unconditional(),
-        initializer_weights=ConditionWeights.unconditional(),
-        batch_size=num_samples,
-        device=torch.device("cpu"),
-        generator=generator,
-    )
+    """Algorithm 2 from x_T ~ N(0, I) through ``CDRLPipeline``: the final (Tweedie-denoised) samples and x_t, t < T."""
+    pipeline = CDRLPipeline(models.energy_model, models.initializer, models.scheduler)
+    pipeline.set_progress_bar_config(disable=True)
     levels: dict[int, torch.Tensor] = {}
 
-    def keep(index: int, level) -> None:
-        levels[level.timestep] = level.sample.detach()
+    def keep(pipe: CDRLPipeline, index: int, timestep: int, tensors: dict) -> dict:
+        levels[int(timestep)] = tensors["latents"].detach().clone()
+        return {}
 
     latents = torch.randn(num_samples, 2, generator=generator)
-    final = sampler.run(latents, callback=keep).detach()
-    return final, [levels[t] for t in range(models.scheduler.num_noise_levels)]
+    final = pipeline(
+        batch_size=num_samples, generator=generator, latents=latents, output_type="pt", callback_on_step_end=keep
+    ).images
+    return final.detach(), [levels[t] for t in range(models.scheduler.num_noise_levels)]
 
 
 def evaluate_toy(models: ToyModels, config: ToyConfig, seed: int = 1234) -> ToyEvaluation:
@@ -408,6 +417,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ToyConfig, argparse.Names
     parser.add_argument("--metrics_path", default=None, help="JSON path (default: OUTPUT_DIR/metrics.json).")
     parser.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
     parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Run once per seed (e.g. --seeds 0 1 2) into OUTPUT_DIR/seed_N and report mean ± spread.",
+    )
+    parser.add_argument(
         "--num_threads",
         type=int,
         default=1,
@@ -423,32 +439,70 @@ def parse_args(argv: list[str] | None = None) -> tuple[ToyConfig, argparse.Names
     return config, args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    config, args = parse_args(argv)
-    if args.num_threads < 1:
-        raise ValueError(f"`--num_threads` must be positive, got {args.num_threads}.")
-    torch.set_num_threads(args.num_threads)
+def run_one(config: ToyConfig, output_dir: str, figure_path: str, progress: bool) -> dict:
+    """Train, save, evaluate and plot one run; returns its JSON-ready result (without the command)."""
     print(f"Config: {json.dumps(asdict(config))}")
-    models, history = train_toy(config, progress=not args.no_progress)
-    print(f"Training took {history.seconds:.0f} s.")
-    models.save_pretrained(args.output_dir)
+    models, history = train_toy(config, progress=progress)
+    print(f"Training took {history.seconds:.0f} s ({history.num_steps} steps).")
+    models.save_pretrained(output_dir)
     evaluation = evaluate_toy(models, config)
-    figure_path = args.figure_path or os.path.join(args.output_dir, "toy_2d.png")
     plot_figure(evaluation, models.scheduler, figure_path)
-    result = {
-        "command": "python examples/toy_2d.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    summary = {key: value for key, value in evaluation.metrics.items() if key not in ("grid", "kl_per_level")}
+    print(json.dumps(summary, indent=2))
+    return {
         "config": asdict(config),
         "train_seconds": history.seconds,
         "metrics": evaluation.metrics,
         "training_log": asdict(history),
     }
+
+
+SEED_SUMMARY = ("kl_true_model", "in_support_fraction", "sliced_wasserstein", "mmd")
+
+
+def summarize_seeds(results: dict[int, dict]) -> dict[str, dict]:
+    """Mean, standard deviation, minimum and maximum over seeds of the main metrics and the training time."""
+    summary = {}
+    rows = {name: [result["metrics"][name] for result in results.values()] for name in SEED_SUMMARY}
+    rows = {name: values for name, values in rows.items() if all(isinstance(value, float) for value in values)}
+    rows["train_minutes"] = [result["train_seconds"] / 60 for result in results.values()]
+    levels = [result["metrics"].get("kl_per_level") for result in results.values()]
+    if all(levels):
+        rows.update({f"kl_level_{t}": [kls[t] for kls in levels] for t in range(len(levels[0]))})
+    for name, values in rows.items():
+        tensor = torch.tensor(values, dtype=torch.float64)
+        spread = tensor.std().item() if len(values) > 1 else 0.0
+        summary[name] = {"mean": tensor.mean().item(), "std": spread, "min": min(values), "max": max(values)}
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config, args = parse_args(argv)
+    if args.num_threads < 1:
+        raise ValueError(f"`--num_threads` must be positive, got {args.num_threads}.")
+    torch.set_num_threads(args.num_threads)
+    command = "python examples/toy_2d.py " + " ".join(sys.argv[1:] if argv is None else argv)
     metrics_path = args.metrics_path or os.path.join(args.output_dir, "metrics.json")
+    if args.seeds is None:
+        figure_path = args.figure_path or os.path.join(args.output_dir, "toy_2d.png")
+        result = {"command": command, **run_one(config, args.output_dir, figure_path, not args.no_progress)}
+        saved = f"the models to {args.output_dir}, the figure to {figure_path}"
+    else:
+        runs = {}
+        for seed in args.seeds:
+            seed_dir = os.path.join(args.output_dir, f"seed_{seed}")
+            runs[seed] = run_one(
+                replace(config, seed=seed), seed_dir, os.path.join(seed_dir, "toy_2d.png"), not args.no_progress
+            )
+        result = {"command": command, "seeds": args.seeds, "summary": summarize_seeds(runs), "runs": runs}
+        for name, stats in result["summary"].items():
+            spread = f"min {stats['min']:.4g}, max {stats['max']:.4g}"
+            print(f"{name:>22s}: {stats['mean']:.4g} ± {stats['std']:.2g}  ({spread})")
+        saved = f"the models and figures to {args.output_dir}/seed_*"
     os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
     with open(metrics_path, "w") as file:
         json.dump(result, file, indent=2)
-    summary = {key: value for key, value in evaluation.metrics.items() if key not in ("grid", "kl_per_level")}
-    print(json.dumps(summary, indent=2))
-    print(f"Saved the models to {args.output_dir}, the figure to {figure_path} and the metrics to {metrics_path}.")
+    print(f"Saved {saved} and the metrics to {metrics_path}.")
     return result
 
 

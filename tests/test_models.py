@@ -216,3 +216,28 @@ def test_mlp_class_conditioning(index):
     torch.testing.assert_close(model(sample, 0.0, return_dict=False)[0], out[2])  # None = null class
     with pytest.raises(ValueError, match="shape"):
         model(torch.randn(3, 3), 0.0)
+
+
+def test_mlp_condition_is_computed_once_and_reused():
+    energy = tiny_mlps(num_class_embeds=2)[0]
+    sample, logsnr, labels = torch.randn(4, 2), torch.tensor([9.8, 2.7, 2.7, -5.1]), torch.tensor([0, 1, 2, 0])
+    condition = energy.embed_condition(logsnr, labels)
+    assert len(condition.block_biases) == energy.config.num_layers
+    expected = energy(sample, logsnr, labels).neg_energy
+    torch.testing.assert_close(energy(sample, logsnr, labels, condition=condition).neg_energy, expected)
+    with pytest.raises(TypeError, match="condition"):
+        energy(sample, logsnr, labels, condition=(condition.block_biases,))
+    with pytest.raises(TypeError, match="logsnr"):
+        energy.embed_condition(9.8)
+
+
+def test_mlp_energy_has_one_bias_free_readout_shared_by_all_levels():
+    energy = EnergyMLP(data_dim=2, hidden_dim=8, num_layers=2, embedding_dim=8)
+    assert energy.readout.weight.shape == (1, 8) and energy.readout.bias is None
+    assert all(torch.equal(layer.residual_scale, torch.ones(8)) for layer in energy.layers)
+    # f_hat is linear in the readout at every level: doubling it doubles the output.
+    sample, logsnr = torch.randn(3, 2), torch.tensor([9.8, 0.1, -5.1])
+    before = energy.eval()(sample, logsnr).neg_energy
+    with torch.no_grad():
+        energy.readout.weight.mul_(2)
+    torch.testing.assert_close(energy(sample, logsnr).neg_energy, 2 * before)

@@ -107,8 +107,31 @@ def test_divergence_is_reported_not_silent(monkeypatch, capsys):
 
 def test_exploding_but_finite_energies_stop_training():
     config = replace(CI_CONFIG, num_train_steps=3, log_every=1, max_neg_energy_gap=1e-12)
-    with pytest.raises(toy_2d.DivergenceError, match="Step 1: the EBM is diverging"):
+    with pytest.raises(toy_2d.DivergenceError, match=r"Step 1: the \|f_hat gap\| \(fast average\) at level \d"):
         toy_2d.train_toy(config, progress=False, log=False)
+
+
+def test_time_budget_ends_training_early():
+    config = replace(CI_CONFIG, num_train_steps=10**6, max_train_minutes=0.01, lr_decay="cosine")
+    _, history = toy_2d.train_toy(config, progress=False, log=False)
+    assert 0 < history.num_steps < 10**6
+    assert history.seconds < 0.01 * 60 + 5
+
+
+def test_seeds_mode_reports_mean_and_spread(tmp_path):
+    tiny = replace(CI_CONFIG, num_train_steps=2, num_eval_samples=64, grid_resolution=16, log_every=1)
+    args = [f"--{name}={value}" for name, value in vars(tiny).items()]
+    result = toy_2d.main([*args, f"--output_dir={tmp_path}", "--no_progress", "--seeds", "3", "4"])
+    assert result["seeds"] == [3, 4] and set(result["runs"]) == {3, 4}
+    assert [run["config"]["seed"] for run in result["runs"].values()] == [3, 4]
+    kls = [run["metrics"]["kl_true_model"] for run in result["runs"].values()]
+    summary = result["summary"]["kl_true_model"]
+    assert summary["mean"] == pytest.approx(sum(kls) / 2)
+    assert summary["std"] == pytest.approx(abs(kls[0] - kls[1]) / math.sqrt(2))
+    assert (summary["min"], summary["max"]) == (min(kls), max(kls))
+    assert len([name for name in result["summary"] if name.startswith("kl_level_")]) == tiny.num_noise_levels
+    assert (tmp_path / "seed_4" / "energy_model").is_dir() and (tmp_path / "seed_3" / "toy_2d.png").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text())["summary"]["kl_true_model"] == summary
 
 
 def test_config_validation_and_presets():
@@ -118,6 +141,10 @@ def test_config_validation_and_presets():
         toy_2d.ToyConfig(mixed_precision="fp16")
     with pytest.raises(ValueError, match="lr_decay"):
         toy_2d.ToyConfig(lr_decay="linear")
+    with pytest.raises(ValueError, match="final_lr_fraction"):
+        toy_2d.ToyConfig(final_lr_fraction=1.5)
+    with pytest.raises(ValueError, match="max_train_minutes"):
+        toy_2d.ToyConfig(max_train_minutes=0)
     config, _ = toy_2d.parse_args(["--num_train_steps", "123", "--seed", "3", "--lr_decay", "cosine"])
     assert (config.num_train_steps, config.seed, config.lr_decay) == (123, 3, "cosine")
     assert config.batch_size == toy_2d.ToyConfig().batch_size  # everything else keeps its default

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -23,8 +25,21 @@ def _activation(name: str, negative_slope: float) -> nn.Module:
     return nn.LeakyReLU(negative_slope) if name == "leaky_relu" else nn.SiLU()
 
 
+class EnergyMLPCondition(NamedTuple):
+    """The part of f_hat that depends on (log-SNR, class) alone (``EnergyMLP.embed_condition``).
+
+    Args:
+        block_biases: each residual layer's embedding term, of shape (batch, hidden_dim).
+    """
+
+    block_biases: tuple[torch.Tensor, ...]
+
+
 class EnergyResidualLayer(nn.Module):
-    """act, dense, + dense(embedding), act, dense, x scale, + input: the vector analogue of Table 5a."""
+    """act, dense, + embedding term, act, dense, x scale, + input: the vector analogue of Table 5a.
+
+    The embedding term is act(dense(act(embedding))), as in the official 2-D EBM; the per-unit scale starts at one.
+    """
 
     def __init__(self, hidden_dim: int, embedding_dim: int, activation: nn.Module, use_spectral_norm: bool):
         super().__init__()
@@ -32,23 +47,27 @@ class EnergyResidualLayer(nn.Module):
         self.linear1 = maybe_spectral_norm(nn.Linear(hidden_dim, hidden_dim), use_spectral_norm)
         self.embedding_proj = maybe_spectral_norm(nn.Linear(embedding_dim, hidden_dim), use_spectral_norm)
         self.linear2 = maybe_spectral_norm(nn.Linear(hidden_dim, hidden_dim), use_spectral_norm)
-        self.residual_scale = nn.Parameter(torch.zeros(hidden_dim))
+        self.residual_scale = nn.Parameter(torch.ones(hidden_dim))
 
-    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        residual = self.linear1(self.act(hidden)) + self.embedding_proj(embedding)
+    def embedding_bias(self, embedding: torch.Tensor) -> torch.Tensor:
+        """act(dense(embedding)) for an already activated ``embedding`` of shape (batch, embedding_dim)."""
+        return self.act(self.embedding_proj(embedding))
+
+    def forward(self, hidden: torch.Tensor, embedding_bias: torch.Tensor) -> torch.Tensor:
+        residual = self.linear1(self.act(hidden)) + embedding_bias
         return hidden + self.linear2(self.act(residual)) * self.residual_scale
 
 
 class EnergyMLP(SafeLoadingMixin, ModelMixin, ConfigMixin):
     r"""f_hat(y; lambda) for vectors: the ``EnergyModel`` design with dense layers instead of convolutions.
 
-    A dense input layer, ``num_layers`` residual layers conditioned on the log-SNR (and class) embedding, then ReLU
-    and a readout whose weights depend on the embedding. Spectral normalisation wraps every dense layer except the
-    readout and the per-layer scales; the residual scales start at zero.
+    As in the official 2-D EBM: a dense input layer, ``num_layers`` residual layers conditioned on the log-SNR (and
+    class) embedding, then ReLU and one bias-free dense readout shared by all levels. Spectral normalisation wraps
+    every dense layer except the readout and the per-layer scales, which start at one.
 
     Args:
         data_dim: dimension of the data vectors.
-        hidden_dim: width of the hidden layers.
+        hidden_dim: width of the hidden layers (and of the sinusoidal log-SNR features).
         num_layers: number of residual layers.
         embedding_dim: width of the log-SNR/class embedding.
         act_fn: ``"leaky_relu"`` or ``"silu"``.
@@ -65,7 +84,7 @@ class EnergyMLP(SafeLoadingMixin, ModelMixin, ConfigMixin):
         data_dim: int = 2,
         hidden_dim: int = 256,
         num_layers: int = 4,
-        embedding_dim: int = 128,
+        embedding_dim: int = 512,
         act_fn: str = "leaky_relu",
         negative_slope: float = 0.2,
         num_class_embeds: int | None = None,
@@ -85,7 +104,23 @@ class EnergyMLP(SafeLoadingMixin, ModelMixin, ConfigMixin):
         self.layers = nn.ModuleList(
             EnergyResidualLayer(hidden_dim, embedding_dim, self.act, use_spectral_norm) for _ in range(num_layers)
         )
-        self.readout = nn.Linear(embedding_dim, hidden_dim)
+        self.readout = nn.Linear(hidden_dim, 1, bias=False)
+
+    def embed_condition(self, logsnr: torch.Tensor, class_labels: torch.Tensor | None = None) -> EnergyMLPCondition:
+        """Everything in f_hat that depends on (log-SNR, class) alone: each residual layer's embedding term.
+
+        Langevin sampling computes it once per level and passes it to the K forward passes as ``condition``.
+
+        Args:
+            logsnr: lambda_t of shape (batch,).
+            class_labels: integer labels of shape (batch,) for conditional models; ``None`` is the null class.
+        """
+        if not isinstance(logsnr, torch.Tensor) or logsnr.ndim != 1:
+            raise TypeError("`logsnr` must be a tensor of shape (batch,).")
+        probe = logsnr.new_empty((logsnr.shape[0], 0))
+        logsnr, class_labels = prepare_condition(probe, logsnr, class_labels, self.config.num_class_embeds)
+        embedding = self.act(self.embedding(logsnr, class_labels))
+        return EnergyMLPCondition(block_biases=tuple(layer.embedding_bias(embedding) for layer in self.layers))
 
     def forward(
         self,
@@ -93,15 +128,27 @@ class EnergyMLP(SafeLoadingMixin, ModelMixin, ConfigMixin):
         logsnr: float | torch.Tensor,
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
+        condition: EnergyMLPCondition | None = None,
     ) -> EnergyModelOutput | tuple[torch.Tensor]:
-        """f_hat(sample; logsnr, class) for ``sample`` of shape (batch, data_dim); see ``EnergyModel.forward``."""
+        """f_hat(sample; logsnr, class) for ``sample`` of shape (batch, data_dim); see ``EnergyModel.forward``.
+
+        Args:
+            sample: vectors of shape (batch, data_dim), in the chain space y_t.
+            logsnr: lambda_t, a float or a tensor of shape (batch,).
+            class_labels: integer labels of shape (batch,) for conditional models; ``None`` is the null class.
+            return_dict: return an ``EnergyModelOutput`` rather than a tuple.
+            condition: ``embed_condition(logsnr, class_labels)`` for these same inputs, computed once and reused.
+        """
         check_sample(sample, (self.config.data_dim,))
         logsnr, class_labels = prepare_condition(sample, logsnr, class_labels, self.config.num_class_embeds)
-        embedding = self.act(self.embedding(logsnr, class_labels))
+        if condition is None:
+            condition = self.embed_condition(logsnr, class_labels)
+        elif not isinstance(condition, EnergyMLPCondition):
+            raise TypeError(f"`condition` must come from `embed_condition`, got {type(condition).__name__}.")
         hidden = self.linear_in(sample)
-        for layer in self.layers:
-            hidden = layer(hidden, embedding)
-        neg_energy = (torch.relu(hidden) * self.readout(embedding)).sum(dim=1)
+        for layer, bias in zip(self.layers, condition.block_biases):
+            hidden = layer(hidden, bias)
+        neg_energy = self.readout(torch.relu(hidden)).squeeze(1)
         if not return_dict:
             return (neg_energy,)
         return EnergyModelOutput(neg_energy=neg_energy)
