@@ -8,9 +8,8 @@ import pytest
 import torch
 from conftest import TINY_SIZE, tiny_energy_model, tiny_initializer, tiny_pipeline
 
-from cdrl_diffusers import CDRLScheduler, ConditionWeights, cdrl_training_step
-from cdrl_diffusers.models.embeddings import ConditionEmbedding
-from cdrl_diffusers.sampling import CDRLSampler, compiled_for_sampling, frozen, precision_context
+from cdrl_diffusers import CDRLScheduler, cdrl_training_step, fold_spectral_norm
+from cdrl_diffusers.acceleration import precision_context
 from cdrl_diffusers.schedulers.scheduling_cdrl import LangevinCoefficients
 
 _spec = importlib.util.spec_from_file_location("naive", Path(__file__).parents[1] / "benchmarks" / "naive.py")
@@ -86,34 +85,31 @@ def test_fp32_training_step_matches_the_naive_baseline():
         assert torch.allclose(fast.grad, slow.grad, rtol=1e-4, atol=1e-6), name
 
 
-def _sampler(pipe, labels=None, **kwargs):
-    weights = ConditionWeights.unconditional() if labels is None else ConditionWeights.conditional(labels)
-    return CDRLSampler(
-        pipe.energy_model,
-        pipe.initializer,
-        pipe.scheduler,
-        energy_weights=weights,
-        initializer_weights=ConditionWeights.unconditional(),
-        batch_size=2,
-        device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(0),
-        **kwargs,
-    )
+def _sample(pipe, latents, precision="fp32", **kwargs):
+    """x_0 from ``latents``, with the networks under bf16 autocast for ``precision="bf16"``."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        return pipe(
+            batch_size=latents.shape[0],
+            latents=latents,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            **kwargs,
+        ).images
 
 
-@pytest.mark.parametrize("precision", [None, "bf16"])
-def test_sampling_leaves_no_gradients_graphs_or_caches(precision):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sampling_leaves_no_gradients_or_graphs(precision):
     pipe = tiny_pipeline()
     pipe.energy_model.train()
     models = [pipe.energy_model, pipe.initializer]
     for param in [p for model in models for p in model.parameters()]:
         param.requires_grad_(True)
     with torch.enable_grad():
-        sample = _sampler(pipe, precision=precision).run(torch.randn(2, 3, TINY_SIZE, TINY_SIZE))
+        sample = _sample(pipe, torch.randn(2, 3, TINY_SIZE, TINY_SIZE), precision)
     assert sample.dtype == torch.float32 and sample.grad_fn is None and not sample.requires_grad
     assert all(p.grad is None and p.requires_grad for model in models for p in model.parameters())
     assert pipe.energy_model.training and not pipe.initializer.training  # modes restored
-    assert all(m._cache is None for m in pipe.energy_model.modules() if isinstance(m, ConditionEmbedding))
 
 
 def test_reduced_precision_keeps_the_langevin_state_in_float32(monkeypatch):
@@ -128,8 +124,8 @@ def test_reduced_precision_keeps_the_langevin_state_in_float32(monkeypatch):
 
     monkeypatch.setattr(LangevinCoefficients, "step", checked_step)
     latents = torch.randn(2, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(1))
-    full = _sampler(pipe).run(latents)
-    reduced = _sampler(pipe, precision="bf16").run(latents)
+    full = _sample(pipe, latents)
+    reduced = _sample(pipe, latents, "bf16")
     assert seen and all(dtypes == {torch.float32} for dtypes in seen)
     difference = (full - reduced).abs().max().item()
     assert 0 < difference < 0.05  # bf16 is really used, and stays close to fp32 on this tiny model
@@ -137,24 +133,23 @@ def test_reduced_precision_keeps_the_langevin_state_in_float32(monkeypatch):
 
 def test_conditioning_is_embedded_once_per_level(monkeypatch):
     pipe = tiny_pipeline(num_class_embeds=3)
-    calls = []
-    embed = ConditionEmbedding._embed
+    model_class = type(pipe.energy_model)
+    embedded, forwards = [], []
+    embed = model_class.embed_condition
 
-    def counted(self, logsnr, class_labels):
-        calls.append(logsnr.shape)
+    def counted(self, logsnr, class_labels=None):
+        embedded.append(logsnr.shape)
         return embed(self, logsnr, class_labels)
 
-    monkeypatch.setattr(ConditionEmbedding, "_embed", counted)
-    sampler = _sampler(pipe, labels=torch.tensor([0, 1]))
-    sampler.run(torch.randn(2, 3, TINY_SIZE, TINY_SIZE))
-    # One embedding per level (the Tweedie step reuses level 0's), instead of one per Langevin step.
-    assert len(calls) == pipe.scheduler.num_noise_levels
-    calls.clear()
-    with frozen(pipe.energy_model):
-        pipe.energy_model(torch.zeros(2, 3, TINY_SIZE, TINY_SIZE), 1.0)
-        pipe.energy_model(torch.zeros(2, 3, TINY_SIZE, TINY_SIZE), 2.0)  # another log-SNR: a new embedding
-        pipe.energy_model(torch.zeros(2, 3, TINY_SIZE, TINY_SIZE), 1.0, class_labels=torch.tensor([0, 1]))
-    assert len(calls) == 3
+    monkeypatch.setattr(model_class, "embed_condition", counted)
+    pipe.energy_model.register_forward_hook(
+        lambda module, args, kwargs, output: forwards.append(kwargs), with_kwargs=True
+    )
+    _sample(pipe, torch.randn(2, 3, TINY_SIZE, TINY_SIZE), class_labels=[0, 1], guidance_scale=1.0)
+    levels, steps = pipe.scheduler.num_noise_levels, pipe.scheduler.config.num_langevin_steps
+    # Once per level and once for the Tweedie step, for both guidance terms at once, instead of once per step.
+    assert embedded == [(4,)] * (levels + 1)
+    assert len(forwards) == levels * steps + 1 and all(kwargs["condition"] is not None for kwargs in forwards)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -194,28 +189,31 @@ def test_reduced_precision_training_step():
     assert outputs[1].initializer_loss.item() == pytest.approx(outputs[0].initializer_loss.item(), rel=0.05)
 
 
-def test_compiled_copy_folds_spectral_norm_and_follows_the_weights(monkeypatch):
-    """The inference copy behind ``torch_compile=True`` (the compiler itself is stubbed: it is slow on a CPU)."""
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: None)
+def test_folded_spectral_norm_computes_the_same_energy():
+    """The copy to ``torch.compile``: plain weights W / sigma(W) instead of a parametrisation, a snapshot."""
     model = tiny_energy_model()
     sample = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
-    with frozen(model):
-        copied = compiled_for_sampling(model)
-        assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in copied.modules())
-        assert torch.allclose(copied(sample, 1.0).neg_energy, model(sample, 1.0).neg_energy, atol=1e-5)
+    folded = fold_spectral_norm(model)
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in folded.modules())
+    assert not folded.config.use_spectral_norm and fold_spectral_norm(folded) is folded
     with torch.no_grad():
-        model.blocks[0].residual_scale.add_(0.3)
+        torch.testing.assert_close(folded(sample, 1.0).neg_energy, model(sample, 1.0).neg_energy, rtol=1e-5, atol=1e-5)
         model.readout.weight.mul_(2)
-    with frozen(model):
-        assert compiled_for_sampling(model) is copied  # compiled once, refreshed in place
-        assert torch.allclose(copied(sample, 1.0).neg_energy, model(sample, 1.0).neg_energy, atol=1e-5)
+        assert not torch.allclose(folded(sample, 1.0).neg_energy, model(sample, 1.0).neg_energy)
 
 
 def test_bad_performance_options():
     with pytest.raises(ValueError, match="precision"):
         precision_context("int8", "cpu")
-    pipe = tiny_pipeline()
-    with pytest.raises(ValueError, match="precision"):
-        pipe(precision="half", output_type="pt")
     with pytest.raises(ValueError, match="CUDA"):
-        pipe(cuda_graph=True, output_type="pt")
+        tiny_pipeline().enable_cuda_graph()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_sampling_matches_eager_sampling():
+    pipe = tiny_pipeline(num_class_embeds=3).to("cuda")
+    latents = torch.randn(2, 3, TINY_SIZE, TINY_SIZE, device="cuda")
+    kwargs = {"class_labels": [0, 2], "guidance_scale": 1.0}
+    eager = _sample(pipe, latents, **kwargs)
+    pipe.enable_cuda_graph()
+    torch.testing.assert_close(_sample(pipe, latents, **kwargs), eager, rtol=0, atol=1e-4)
