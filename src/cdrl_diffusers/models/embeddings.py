@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
-
-T = TypeVar("T")
 
 
 def maybe_spectral_norm(module: nn.Module, enabled: bool) -> nn.Module:
@@ -56,8 +51,6 @@ class ConditionEmbedding(nn.Module):
     ``class_labels=None`` is the null class (classifier-free guidance).
     """
 
-    _max_cached = 32
-
     def __init__(
         self,
         sinusoidal_channels: int,
@@ -78,55 +71,8 @@ class ConditionEmbedding(nn.Module):
             self.class_embedding = maybe_spectral_norm(
                 ClassEmbedding(num_class_embeds, embedding_dim), use_spectral_norm
             )
-        self._cache: list[tuple[tuple, torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None
-
-    @contextmanager
-    def cached(self) -> Iterator[None]:
-        """Reuse values computed from identical (log-SNR, class) inputs while the context is open (``memoized``).
-
-        Only for frozen weights: ``sampling.frozen`` opens it around Langevin sampling, where the K steps of a level
-        share one log-SNR and one set of labels.
-        """
-        outer = self._cache
-        self._cache = [] if outer is None else outer
-        try:
-            yield
-        finally:
-            self._cache = outer
-
-    def memoized(
-        self, name: str, logsnr: torch.Tensor, class_labels: torch.Tensor | None, compute: Callable[[], T]
-    ) -> T:
-        """``compute()``, reused for the same ``name``, log-SNR and labels while ``cached()`` is open.
-
-        The inputs are compared by value on the CPU only (elsewhere the comparison would synchronise the device, and
-        a CUDA graph replays the whole computation anyway), and never while ``torch.compile`` traces.
-        """
-        if torch.compiler.is_compiling():
-            return compute()
-        cache = self._cache
-        if cache is None or logsnr.device.type != "cpu":
-            return compute()
-        autocast = torch.is_autocast_enabled("cpu")
-        key = (name, logsnr.shape, autocast, torch.get_autocast_dtype("cpu") if autocast else None)
-        for cached_key, cached_logsnr, cached_labels, value in cache:
-            same_labels = (
-                cached_labels is None
-                if class_labels is None
-                else cached_labels is not None and torch.equal(cached_labels, class_labels)
-            )
-            if cached_key == key and same_labels and torch.equal(cached_logsnr, logsnr):
-                return value
-        value = compute()
-        tensors = [value] if isinstance(value, torch.Tensor) else list(_flatten(value))
-        if not any(tensor.requires_grad for tensor in tensors) and len(cache) < self._max_cached:
-            cache.append((key, logsnr.clone(), None if class_labels is None else class_labels.clone(), value))
-        return value
 
     def forward(self, logsnr: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        return self.memoized("embedding", logsnr, class_labels, lambda: self._embed(logsnr, class_labels))
-
-    def _embed(self, logsnr: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         embedding = self.mlp(self.sinusoidal(logsnr_to_timestep(logsnr)).to(self.mlp.linear_1.bias.dtype))
         if self.class_embedding is not None:
             if class_labels is None:
@@ -170,14 +116,6 @@ def prepare_condition(
             f"got values in [{int(class_labels.min())}, {int(class_labels.max())}]."
         )
     return logsnr, class_labels.long()
-
-
-def _flatten(value: object) -> Iterable[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _flatten(item)
 
 
 def _can_check_values(sample: torch.Tensor) -> bool:
