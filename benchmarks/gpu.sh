@@ -58,5 +58,20 @@ timeout 90 python3 benchmarks/bench_training.py --device "$DEVICE" --arch "$ARCH
 timeout "$COMPILE_LIMIT" python3 benchmarks/bench_sampling.py --device "$DEVICE" --arch "$ARCH" \
     --batch-size "$BATCH" --levels "$LEVELS" --steps "$STEPS" --cases unguided --modes fp32 $COMPILE_MODES \
     --repeats "$REPEATS" --no-peak --json "$OUT_DIR/gpu_compile.json" || status=1
+# 4. FID of the authors' released checkpoints, converted (docs/checkpoints.md): convert, sample 50k images, evaluate.
+#    Only on a GPU with the files present (not part of the timed benchmark): INCEPTION_WEIGHTS (torch-fidelity's
+#    Inception file), CIFAR10_CHECKPOINT and CIFAR10_REFERENCE (.npz of the uint8 training images), and/or
+#    IMAGENET32_CHECKPOINT and IMAGENET32_REFERENCE (sampled with guidance w = 0.7, the paper's best FID).
+paper_fid() {  # name, guidance scale
+    local checkpoint_var="${1^^}_CHECKPOINT" reference_var="${1^^}_REFERENCE"
+    local checkpoint="${!checkpoint_var:-}" reference="${!reference_var:-}"
+    if [[ "$DEVICE" == cuda && -f "$checkpoint" && -f "$reference" && -f "${INCEPTION_WEIGHTS:-}" ]]; then
+        python3 benchmarks/paper_fid.py --checkpoint "$checkpoint" --pipeline "$OUT_DIR/converted-$1" \
+            --reference "$reference" --inception-weights "$INCEPTION_WEIGHTS" --guidance-scale "$2" \
+            --json "$OUT_DIR/paper_fid_$1.json" || status=1
+    fi
+}
+paper_fid cifar10 0.0
+paper_fid imagenet32 0.7
 ls -l "$OUT_DIR"
 exit $status
