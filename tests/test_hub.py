@@ -129,8 +129,9 @@ def test_models_load_by_repo_id_offline(hub_cache, offline):
     assert_same_weights(energy, mlps["energy"])
     assert_same_weights(initializer, mlps["init"])
     vectors, logsnr = torch.randn(4, 2), torch.zeros(4)
+    # Equal weights; outputs equal up to float rounding, which may differ between kernels and CPUs.
     torch.testing.assert_close(
-        energy(vectors, logsnr).neg_energy, mlps["energy"].eval()(vectors, logsnr).neg_energy, rtol=0, atol=0
+        energy(vectors, logsnr).neg_energy, mlps["energy"].eval()(vectors, logsnr).neg_energy, rtol=1e-5, atol=1e-6
     )
 
 
