@@ -29,7 +29,7 @@ import torch
 from diffusers.utils import make_image_grid
 
 from cdrl_diffusers import CDRLComposePipeline
-from cdrl_diffusers.validation import cli_device, cli_non_negative_float, cli_positive_int
+from cdrl_diffusers.validation import cli_device, cli_non_negative_float, cli_non_negative_int, cli_positive_int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--product_of_experts", action="store_true", help="The baseline without the negative term.")
     parser.add_argument("--compose_initializer", action="store_true", help="Compose a conditional initializer too.")
     parser.add_argument(
-        "--num_langevin_steps", type=cli_positive_int, default=None, help="K' (default: the trained K)."
+        "--num_langevin_steps",
+        type=cli_non_negative_int,
+        default=None,
+        help="K' (default: the trained K; 0: the initializer's proposals alone).",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--upscale", type=cli_positive_int, default=4, help="Nearest-neighbour zoom of the grids.")

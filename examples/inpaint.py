@@ -22,7 +22,7 @@ from diffusers.utils import make_image_grid
 
 from cdrl_diffusers import CDRLInpaintPipeline
 from cdrl_diffusers.data import load_digits_dataset, load_shapes_dataset
-from cdrl_diffusers.validation import cli_device, cli_non_negative_float, cli_positive_int
+from cdrl_diffusers.validation import cli_device, cli_non_negative_float, cli_non_negative_int, cli_positive_int
 
 MASKS = ("square", "half", "irregular")
 
@@ -46,7 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guidance_scale", type=cli_non_negative_float, default=0.0, help="Classifier-free guidance w (Eq. 11-12)."
     )
     parser.add_argument(
-        "--num_langevin_steps", type=cli_positive_int, default=None, help="K' (default: the trained K)."
+        "--num_langevin_steps",
+        type=cli_non_negative_int,
+        default=None,
+        help="K' (default: the trained K; 0: the initializer's proposals alone).",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--upscale", type=cli_positive_int, default=4, help="Nearest-neighbour zoom of the grid.")

@@ -121,12 +121,10 @@ class LevelSample:
 
     Args:
         timestep: the pair index t.
-        proposal: the initializer's proposal y_hat_t / input_scale_t (x_{t+1} itself without the initializer).
         sample: x_t = y_t / input_scale_t after Langevin refinement.
     """
 
     timestep: int
-    proposal: torch.Tensor
     sample: torch.Tensor
 
 
@@ -185,11 +183,7 @@ class CDRLSampler:
             self.project,
             self.gradient,
         )
-        return LevelSample(
-            timestep=timestep,
-            proposal=self.scheduler.from_chain_space(proposal, timestep),
-            sample=self.scheduler.from_chain_space(refined, timestep),
-        )
+        return LevelSample(timestep=timestep, sample=self.scheduler.from_chain_space(refined, timestep))
 
     def denoise(self, sample: torch.Tensor) -> torch.Tensor:
         """The final Tweedie step on x_0 with the guided level-0 energy (Eq. 18)."""

@@ -42,16 +42,6 @@ def check_probability(value: Any, name: str) -> float:
     return value
 
 
-def as_device(device: Any, name: str = "device") -> torch.device:
-    """``device`` as a ``torch.device``; an unknown device string is a ``ValueError`` naming ``name``."""
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"`{name}` must be a device string such as 'cpu' or 'cuda:0', got {type(device).__name__}.")
-    try:
-        return torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"`{name}` {device!r} is not a device: expected e.g. 'cpu', 'cuda' or 'cuda:0'.") from error
-
-
 def check_generator(generator: Any, name: str = "generator") -> None:
     """``generator`` is ``None``, a ``torch.Generator`` or a list of them."""
     items = generator if isinstance(generator, list) else [generator]
@@ -66,15 +56,6 @@ def check_float_tensor(tensor: Any, name: str) -> None:
         raise TypeError(f"`{name}` must be a floating-point torch.Tensor, got {type(tensor).__name__}.")
     if not tensor.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {tensor.dtype}.")
-
-
-def check_same_shape(tensor: Any, name: str, like: torch.Tensor, like_name: str) -> None:
-    """``tensor`` is a floating-point tensor shaped exactly like ``like`` (no silent broadcasting)."""
-    check_float_tensor(tensor, name)
-    if tensor.shape != like.shape:
-        raise ValueError(
-            f"`{name}` must have the shape of `{like_name}` {tuple(like.shape)}, got {tuple(tensor.shape)}."
-        )
 
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:
