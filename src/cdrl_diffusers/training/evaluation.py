@@ -45,7 +45,10 @@ class HeldOutEvaluator:
         resolution: the training resolution; ``channels``: 1 or 3.
         label_columns: the class-label column(s) of training (``--label_column`` or ``--attribute_columns``).
         class_conditional: whether the model is class-conditional (guided samples of each class, accuracy).
-        num_samples, batch_size, guidance_scale, seed: the samples to generate.
+        num_samples: how many samples to generate at each evaluation.
+        batch_size: the sampling batch size.
+        guidance_scale: the guidance weight of class-conditional samples.
+        seed: the sampling seed, the same at every evaluation.
         cache_dir: where the classifier is cached.
         device: where the feature network runs.
     """
