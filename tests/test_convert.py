@@ -448,3 +448,12 @@ def test_cli_convert(small_checkpoint, tmp_path, capsys):
     assert pipe.class_names == (["cat", "dog", "fish"] if conditional else None)
     assert main(["convert", str(names), str(tmp_path / "other")]) == 2
     assert "not a PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_cli_convert_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: cdrl-diffusers convert") and "CHECKPOINT" in out and "OUTPUT_DIR" in out
+    assert "--no-ema" in out and "--class-names" in out
