@@ -41,13 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add_common(sub: argparse.ArgumentParser) -> None:
+    def add_command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=description)
         sub.add_argument("model", metavar="MODEL", help="a saved pipeline folder or a Hub repo id")
         sub.add_argument(
             "--device", type=cli_device, default=None, help="torch device (default: cuda if available, else cpu)"
         )
         sub.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of MODEL")
         sub.add_argument("--local-files-only", action="store_true", help="never contact the Hub; use the cache")
+        return sub
 
     def add_sampling(sub: argparse.ArgumentParser, count_name: str, count_help: str) -> None:
         sub.add_argument(count_name, type=cli_positive_int, default=8, help=count_help)
@@ -61,54 +63,44 @@ def build_parser() -> argparse.ArgumentParser:
             help="Langevin steps per level; other values than the trained K apply the sampling adjustment, 0 keeps "
             "the initializer's proposals",
         )
+        sub.add_argument(
+            "--guidance-scale", type=cli_non_negative_float, default=0.0, help="classifier-free guidance w (default 0)"
+        )
         sub.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
         sub.add_argument("--output", type=Path, required=True, help="PNG file for the image grid")
         sub.add_argument("--save-individual", action="store_true", help="also write each image next to the grid")
 
-    sample = commands.add_parser(
-        "sample", help="generate images", description="Generate images (Algorithm 2, optional guidance)."
-    )
-    add_common(sample)
+    sample = add_command("sample", "generate images", "Generate images (Algorithm 2, optional guidance).")
     add_sampling(sample, "--num-images", "number of images (default 8)")
     sample.add_argument(
         "--class-label", type=_label, action="append", help="class id or name (repeat for several; cycled)"
     )
-    sample.add_argument(
-        "--guidance-scale", type=cli_non_negative_float, default=0.0, help="classifier-free guidance w (default 0)"
-    )
 
-    inpaint = commands.add_parser(
-        "inpaint", help="fill the masked region of an image", description="Inpaint: white mask pixels are generated."
-    )
-    add_common(inpaint)
+    inpaint = add_command("inpaint", "fill the masked region of an image", "Inpaint: white mask pixels are generated.")
     add_sampling(inpaint, "--num-samples", "inpaintings of the image, with different seeds (default 8)")
     inpaint.add_argument("--image", type=Path, required=True, help="the image to complete")
     inpaint.add_argument("--mask", type=Path, required=True, help="mask image: white = generate, black = keep")
     inpaint.add_argument("--class-label", type=_label, default=None, help="class id or name for conditional models")
-    inpaint.add_argument("--guidance-scale", type=cli_non_negative_float, default=0.0, help="guidance w (default 0)")
     inpaint.add_argument("--resize", action="store_true", help="resize image and mask to the model's resolution")
 
-    compose = commands.add_parser(
+    compose = add_command(
         "compose",
-        help="generate images with several concepts at once",
-        description="Compose concepts (Eq. 14); negative --concept-weight values express NOT.",
+        "generate images with several concepts at once",
+        "Compose concepts (Eq. 14); negative --concept-weight values express NOT.",
     )
-    add_common(compose)
     add_sampling(compose, "--num-images", "number of images (default 8)")
     compose.add_argument("--concept", type=_label, action="append", required=True, help="class id or name (repeat)")
     compose.add_argument("--concept-weight", type=float, action="append", help="weight per concept (default 1 + w)")
-    compose.add_argument("--guidance-scale", type=cli_non_negative_float, default=0.0, help="guidance w (default 0)")
     compose.add_argument(
         "--product-of-experts", action="store_true", help="the Du et al. (2020) baseline without the negative term"
     )
     compose.add_argument("--compose-initializer", action="store_true", help="compose the initializer means too")
 
-    score = commands.add_parser(
+    score = add_command(
         "score",
-        help="log-density / out-of-distribution scores",
-        description="Score images by the level-0 log-density (higher = more in-distribution, Sec. 4.4).",
+        "log-density / out-of-distribution scores",
+        "Score images by the level-0 log-density (higher = more in-distribution, Sec. 4.4).",
     )
-    add_common(score)
     score.add_argument("images", nargs="+", type=Path, help="image files or folders (in-distribution set)")
     score.add_argument(
         "--out-of-distribution",

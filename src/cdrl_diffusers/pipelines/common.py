@@ -22,18 +22,21 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import ModelCard
-from torch import nn
 
 from ..acceleration import CUDAGraphEnergyGradient
 from ..guidance import ConditionWeights, StackedTerms
 from ..hub import check_pipeline_folder, download_pipeline
 from ..model_card import create_model_card
+from ..models import EnergyMLP, EnergyModel, InitializerMLP, InitializerUNet
 from ..sampling import CDRLSampler, LevelSample
 from ..schedulers.scheduling_cdrl import CDRLScheduler
 from ..validation import check_finite, check_float_tensor, check_generator, check_number, check_positive_int
 
 logger = logging.get_logger(__name__)
 
+# The networks a pipeline takes: image models, or vector models (data of shape (batch, data_dim)).
+EnergyNetwork = EnergyModel | EnergyMLP
+InitializerNetwork = InitializerUNet | InitializerMLP
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 Callback = Callable | PipelineCallback | MultiPipelineCallbacks
 Generator = torch.Generator | list[torch.Generator] | None
@@ -49,11 +52,13 @@ class CDRLPipelineMixin:
     model_cpu_offload_seq = "initializer->energy_model"
     _callback_tensor_inputs = ["latents"]
     _use_cuda_graph = False
-    energy_model: nn.Module
-    initializer: nn.Module
+    energy_model: EnergyNetwork
+    initializer: InitializerNetwork
     scheduler: CDRLScheduler
 
-    def _register_components(self, energy_model: nn.Module, initializer: nn.Module, scheduler: CDRLScheduler) -> None:
+    def _register_components(
+        self, energy_model: EnergyNetwork, initializer: InitializerNetwork, scheduler: CDRLScheduler
+    ) -> None:
         """Register the components and put the networks in eval mode, as ``from_pretrained`` does.
 
         So a pipeline built from components computes what the same pipeline loaded from disk computes. A training
@@ -150,16 +155,9 @@ class CDRLPipelineMixin:
     # Checks shared by every pipeline's check_inputs
     # ----------------------------------------------------------------------------------------------------------------
     def check_sampling_inputs(
-        self,
-        guidance_scale: float,
-        num_langevin_steps: int | None,
-        use_initializer: bool,
-        generator: Generator,
-        output_type: str,
-        callback_on_step_end: Callback | None,
-        callback_on_step_end_tensor_inputs: list[str],
+        self, guidance_scale: float, num_langevin_steps: int | None, use_initializer: bool, output_type: str
     ) -> None:
-        """The arguments every CDRL pipeline's ``__call__`` takes, each checked by one rule."""
+        """The sampling arguments every CDRL pipeline's ``__call__`` takes, each checked by one rule."""
         check_number(guidance_scale, "guidance_scale", minimum=0.0)
         if guidance_scale > 0 and not self.is_conditional:
             raise ValueError(
@@ -172,11 +170,19 @@ class CDRLPipelineMixin:
             raise ValueError(
                 "`num_langevin_steps=0` with `use_initializer=False` would not sample: allow one of them."
             )
-        check_generator(generator)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if len(self.sample_shape) == 1 and output_type == "pil":
             raise ValueError("`output_type='pil'` needs an image model; vector models return 'pt', 'np' or 'latent'.")
+
+    def check_callback_inputs(
+        self,
+        generator: Generator,
+        callback_on_step_end: Callback | None,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> None:
+        """diffusers' common arguments: the generator(s) and the step-end callback."""
+        check_generator(generator)
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError(f"`callback_on_step_end` must be callable, got {type(callback_on_step_end).__name__}.")
         unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
@@ -281,6 +287,27 @@ class CDRLPipelineMixin:
         """Evaluate the EBM eagerly again (the default)."""
         self._use_cuda_graph = False
 
+    def step_end_callback(
+        self, callback_on_step_end: Callback | None, callback_on_step_end_tensor_inputs: list[str]
+    ) -> Callable[[int, LevelSample], torch.Tensor | None]:
+        """The sampler's per-level callback: diffusers' ``callback_on_step_end`` with x_t as ``latents``.
+
+        Latents the user's callback returns replace x_t after a check (a finite float tensor shaped like x_t).
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        def after_level(index: int, level: LevelSample) -> torch.Tensor | None:
+            if callback_on_step_end is None:
+                return None
+            step_kwargs = {"latents": level.sample}
+            callback_kwargs = {name: step_kwargs[name] for name in callback_on_step_end_tensor_inputs}
+            outputs = callback_on_step_end(self, index, level.timestep, callback_kwargs)
+            replaced = outputs.pop("latents", None) if outputs else None
+            return None if replaced is None else self._check_callback_latents(replaced, level.sample)
+
+        return after_level
+
     def run_sampler(
         self,
         latents: torch.Tensor,
@@ -289,11 +316,11 @@ class CDRLPipelineMixin:
         num_langevin_steps: int | None,
         use_initializer: bool,
         generator: Generator,
-        callback_on_step_end: Callback | None,
-        callback_on_step_end_tensor_inputs: list[str],
+        callback: Callable[[int, LevelSample], torch.Tensor | None],
         project: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Algorithm 2 from x_T = ``latents`` with a progress bar and the step-end callbacks, then the Tweedie step."""
+        """Algorithm 2 from x_T = ``latents`` with a progress bar and ``callback`` after each level, then the
+        Tweedie step; ``project`` (inpainting) is applied to y_t after the proposal and every Langevin step."""
         batch, device = latents.shape[0], latents.device
         energy_terms = energy_weights.stack(self.energy_model.config.num_class_embeds, batch, device)
         initializer_terms = initializer_weights.stack(self.initializer.config.num_class_embeds, batch, device)
@@ -315,19 +342,11 @@ class CDRLPipelineMixin:
             project=project,
             gradient=self._cuda_graph(energy_terms, latents),
         )
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         with self.progress_bar(total=len(self.scheduler.timesteps)) as progress_bar:
 
             def after_level(index: int, level: LevelSample) -> torch.Tensor | None:
                 progress_bar.update()
-                if callback_on_step_end is None:
-                    return None
-                step_kwargs = {"latents": level.sample}
-                callback_kwargs = {name: step_kwargs[name] for name in callback_on_step_end_tensor_inputs}
-                outputs = callback_on_step_end(self, index, level.timestep, callback_kwargs)
-                replaced = outputs.pop("latents", None) if outputs else None
-                return None if replaced is None else self._check_callback_latents(replaced, level.sample)
+                return callback(index, level)
 
             return sampler.run(latents, callback=after_level)
 

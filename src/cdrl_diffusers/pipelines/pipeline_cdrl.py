@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
-from torch import nn
 
 from ..guidance import ConditionWeights
 from ..sampling import frozen, model_input
 from ..schedulers.scheduling_cdrl import CDRLScheduler
 from ..validation import check_positive_int
-from .common import Callback, CDRLPipelineMixin, ClassLabels, Generator, ImageInput
+from .common import Callback, CDRLPipelineMixin, ClassLabels, EnergyNetwork, Generator, ImageInput, InitializerNetwork
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -40,7 +39,7 @@ class CDRLPipeline(CDRLPipelineMixin, DiffusionPipeline):
         scheduler (`CDRLScheduler`): the noise levels and Langevin constants the models were trained with.
     """
 
-    def __init__(self, energy_model: nn.Module, initializer: nn.Module, scheduler: CDRLScheduler):
+    def __init__(self, energy_model: EnergyNetwork, initializer: InitializerNetwork, scheduler: CDRLScheduler):
         super().__init__()
         self._register_components(energy_model, initializer, scheduler)
 
@@ -50,22 +49,11 @@ class CDRLPipeline(CDRLPipelineMixin, DiffusionPipeline):
         guidance_scale: float,
         num_langevin_steps: int | None,
         use_initializer: bool,
-        generator: Generator,
         output_type: str,
-        callback_on_step_end: Callback | None,
-        callback_on_step_end_tensor_inputs: list[str],
     ) -> None:
-        """Check the arguments of ``__call__`` (class labels and latents are checked as they are prepared)."""
+        """Check the sampling arguments of ``__call__`` (labels and latents are checked as they are prepared)."""
         check_positive_int(batch_size, "batch_size")
-        self.check_sampling_inputs(
-            guidance_scale,
-            num_langevin_steps,
-            use_initializer,
-            generator,
-            output_type,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
+        self.check_sampling_inputs(guidance_scale, num_langevin_steps, use_initializer, output_type)
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -113,16 +101,8 @@ class CDRLPipeline(CDRLPipelineMixin, DiffusionPipeline):
             `ImagePipelineOutput` with ``images``, or a tuple ``(images,)`` when ``return_dict=False``.
         """
         # 1. Check inputs
-        self.check_inputs(
-            batch_size,
-            guidance_scale,
-            num_langevin_steps,
-            use_initializer,
-            generator,
-            output_type,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
+        self.check_inputs(batch_size, guidance_scale, num_langevin_steps, use_initializer, output_type)
+        self.check_callback_inputs(generator, callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
 
         # 2. Class labels and the guided energy (Eq. 11) and initializer (Eq. 12)
@@ -135,15 +115,10 @@ class CDRLPipeline(CDRLPipelineMixin, DiffusionPipeline):
         latents = self.prepare_latents(batch_size, generator, device, latents)
 
         # 4. Algorithm 2 and the Tweedie step
+        initializer_weights = self.guided_initializer_weights(energy_weights)
+        callback = self.step_end_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         samples = self.run_sampler(
-            latents,
-            energy_weights,
-            self.guided_initializer_weights(energy_weights),
-            num_langevin_steps,
-            use_initializer,
-            generator,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+            latents, energy_weights, initializer_weights, num_langevin_steps, use_initializer, generator, callback
         )
 
         # 5. Outputs

@@ -9,12 +9,11 @@ import numpy as np
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
-from torch import nn
 
 from ..guidance import ConditionWeights
 from ..schedulers.scheduling_cdrl import CDRLScheduler
 from ..validation import check_positive_int
-from .common import Callback, CDRLPipelineMixin, Generator
+from .common import Callback, CDRLPipelineMixin, EnergyNetwork, Generator, InitializerNetwork
 
 Concepts = int | str | Sequence[int | str] | torch.Tensor | np.ndarray
 
@@ -38,15 +37,11 @@ class CDRLComposePipeline(CDRLPipelineMixin, DiffusionPipeline):
     ``product_of_experts=True`` gives the baseline without the negative unconditional term (Du et al., 2020). As in
     the paper, the initializer proposes unconditionally unless ``compose_initializer=True``.
 
-    Loads from any folder saved by a CDRL pipeline: ``CDRLComposePipeline.from_pretrained(path)``.
-
-    Args:
-        energy_model (`EnergyModel` or `EnergyMLP`): a class-conditional EBM f_hat(y; lambda, c).
-        initializer (`InitializerUNet` or `InitializerMLP`): the initializer g(x; lambda).
-        scheduler (`CDRLScheduler`): the noise levels and Langevin constants the models were trained with.
+    Its components are those of ``CDRLPipeline``, with a class-conditional energy model. It loads from any folder
+    saved by a CDRL pipeline: ``CDRLComposePipeline.from_pretrained(path)``.
     """
 
-    def __init__(self, energy_model: nn.Module, initializer: nn.Module, scheduler: CDRLScheduler):
+    def __init__(self, energy_model: EnergyNetwork, initializer: InitializerNetwork, scheduler: CDRLScheduler):
         super().__init__()
         self._register_components(energy_model, initializer, scheduler)
 
@@ -56,25 +51,10 @@ class CDRLComposePipeline(CDRLPipelineMixin, DiffusionPipeline):
         concept_weights: Sequence[float] | None,
         guidance_scale: float,
         batch_size: int,
-        num_langevin_steps: int | None,
-        use_initializer: bool,
-        generator: Generator,
-        output_type: str,
-        callback_on_step_end: Callback | None,
-        callback_on_step_end_tensor_inputs: list[str],
         compose_initializer: bool,
     ) -> list[int]:
-        """Check the arguments of ``__call__``; returns the concepts as class indices."""
+        """Check the concepts, their weights and the batch; returns the concepts as class indices."""
         check_positive_int(batch_size, "batch_size")
-        self.check_sampling_inputs(
-            guidance_scale,
-            num_langevin_steps,
-            use_initializer,
-            generator,
-            output_type,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
         ids = self.class_ids(concepts, "concepts")
         if len(set(ids)) != len(ids):
             raise ValueError(f"`concepts` must not repeat a concept, got {concepts}; use `concept_weights`.")
@@ -120,6 +100,9 @@ class CDRLComposePipeline(CDRLPipelineMixin, DiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         r"""Generate samples that show every concept at once (Eq. 14).
 
+        ``num_langevin_steps``, ``use_initializer``, ``generator``, ``output_type``, ``return_dict``,
+        ``callback_on_step_end`` and ``callback_on_step_end_tensor_inputs`` are those of ``CDRLPipeline.__call__``.
+
         Args:
             concepts (`int`, `str` or a list of them): the concepts c_1..c_M, class ids or class names; every sample
                 gets all of them.
@@ -128,15 +111,7 @@ class CDRLComposePipeline(CDRLPipelineMixin, DiffusionPipeline):
                 unconditional term gets 1 - sum_i gamma_i.
             guidance_scale (`float`): the strength w of Eq. 14 (gamma_i = 1 + w); 0 gives Eq. 13.
             batch_size (`int`): number of samples.
-            num_langevin_steps (`int`, *optional*): K' Langevin steps per level, as in ``CDRLPipeline.__call__``.
-            use_initializer (`bool`): ``False`` starts each level's Langevin chain at x_{t+1}.
-            generator (`torch.Generator` or a list of them, one per sample): for reproducible results.
             latents (`torch.Tensor`, *optional*): x_T of shape (batch, *sample_shape); drawn from N(0, I) otherwise.
-            output_type (`str`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``, as in ``CDRLPipeline.__call__``.
-            return_dict (`bool`): return an ``ImagePipelineOutput`` rather than a tuple.
-            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`): called after each noise
-                level as ``callback(pipe, index, t, callback_kwargs)``; a returned ``"latents"`` replaces x_t.
-            callback_on_step_end_tensor_inputs (`list[str]`): tensors passed in ``callback_kwargs`` (``"latents"``).
             product_of_experts (`bool`): drop the missing negative term: sum_i gamma_i f(y; c_i) + sum_i (1 - gamma_i)
                 f(y), the baseline of Du et al. (2020), for comparison.
             compose_initializer (`bool`): combine the initializer's means by the same weights (they then sum to one,
@@ -149,19 +124,9 @@ class CDRLComposePipeline(CDRLPipelineMixin, DiffusionPipeline):
             `ImagePipelineOutput` with ``images``, or a tuple ``(images,)`` when ``return_dict=False``.
         """
         # 1. Check inputs
-        ids = self.check_inputs(
-            concepts,
-            concept_weights,
-            guidance_scale,
-            batch_size,
-            num_langevin_steps,
-            use_initializer,
-            generator,
-            output_type,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            compose_initializer,
-        )
+        self.check_sampling_inputs(guidance_scale, num_langevin_steps, use_initializer, output_type)
+        self.check_callback_inputs(generator, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        ids = self.check_inputs(concepts, concept_weights, guidance_scale, batch_size, compose_initializer)
         device = self._execution_device
 
         # 2. The composed energy (Eq. 13-14) and initializer
@@ -177,15 +142,9 @@ class CDRLComposePipeline(CDRLPipelineMixin, DiffusionPipeline):
         latents = self.prepare_latents(batch_size, generator, device, latents)
 
         # 4. Algorithm 2 and the Tweedie step
+        callback = self.step_end_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         samples = self.run_sampler(
-            latents,
-            energy_weights,
-            initializer_weights,
-            num_langevin_steps,
-            use_initializer,
-            generator,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+            latents, energy_weights, initializer_weights, num_langevin_steps, use_initializer, generator, callback
         )
 
         # 5. Outputs

@@ -8,11 +8,10 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
-from torch import nn
 
 from ..guidance import ConditionWeights
 from ..schedulers.scheduling_cdrl import CDRLScheduler
-from .common import Callback, CDRLPipelineMixin, ClassLabels, Generator, ImageInput
+from .common import Callback, CDRLPipelineMixin, ClassLabels, EnergyNetwork, Generator, ImageInput, InitializerNetwork
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -20,10 +19,10 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from cdrl_diffusers import CDRLInpaintPipeline
 
+        >>> image = torch.zeros(1, 3, 16, 16)  # an observation in [-1, 1]
+        >>> mask = torch.zeros(16, 16)
+        >>> mask[4:12, 4:12] = 1  # 1 = generate, 0 = keep
         >>> pipe = CDRLInpaintPipeline.from_pretrained("outputs/cdrl-shapes")
-        >>> image = torch.zeros(1, 3, 32, 32)  # an observation in [-1, 1]
-        >>> mask = torch.zeros(32, 32)
-        >>> mask[8:24, 8:24] = 1  # 1 = generate, 0 = keep
         >>> filled = pipe(image, mask, generator=torch.Generator().manual_seed(0)).images[0]
         ```
 """
@@ -37,42 +36,19 @@ class CDRLInpaintPipeline(CDRLPipelineMixin, DiffusionPipeline):
     (alpha_bar_t x_obs + sigma_bar_t eps), with one eps shared by all levels; the output keeps them exactly. The mask
     follows diffusers' inpainting convention: white / 1 = generate, black / 0 = keep.
 
-    Loads from any folder saved by a CDRL pipeline: ``CDRLInpaintPipeline.from_pretrained(path)``.
-
-    Args:
-        energy_model (`EnergyModel`): the EBM f_hat(y; lambda).
-        initializer (`InitializerUNet`): the initializer g(x; lambda).
-        scheduler (`CDRLScheduler`): the noise levels and Langevin constants the models were trained with.
+    Its components are those of ``CDRLPipeline``, with image models. It loads from any folder saved by a CDRL
+    pipeline: ``CDRLInpaintPipeline.from_pretrained(path)``.
     """
 
-    def __init__(self, energy_model: nn.Module, initializer: nn.Module, scheduler: CDRLScheduler):
+    def __init__(self, energy_model: EnergyNetwork, initializer: InitializerNetwork, scheduler: CDRLScheduler):
         super().__init__()
         self._register_components(energy_model, initializer, scheduler)
         self.mask_processor = VaeImageProcessor(
             do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
 
-    def check_inputs(
-        self,
-        class_labels: ClassLabels | None,
-        guidance_scale: float,
-        num_langevin_steps: int | None,
-        use_initializer: bool,
-        generator: Generator,
-        output_type: str,
-        callback_on_step_end: Callback | None,
-        callback_on_step_end_tensor_inputs: list[str],
-    ) -> None:
-        """Check the arguments of ``__call__`` (the image, mask and labels are checked as they are prepared)."""
-        self.check_sampling_inputs(
-            guidance_scale,
-            num_langevin_steps,
-            use_initializer,
-            generator,
-            output_type,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
+    def check_inputs(self, class_labels: ClassLabels | None, guidance_scale: float) -> None:
+        """Guidance needs labels (the image, mask and labels themselves are checked as they are prepared)."""
         if guidance_scale > 0 and class_labels is None:
             raise ValueError(f"`guidance_scale={guidance_scale}` needs `class_labels` to guide towards.")
 
@@ -136,6 +112,9 @@ class CDRLInpaintPipeline(CDRLPipelineMixin, DiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         r"""Inpaint the masked region of ``image`` (App. C).
 
+        ``num_langevin_steps``, ``use_initializer``, ``generator``, ``output_type``, ``return_dict``,
+        ``callback_on_step_end`` and ``callback_on_step_end_tensor_inputs`` are those of ``CDRLPipeline.__call__``.
+
         Args:
             image (`torch.Tensor`, `PIL.Image.Image`, `np.ndarray` or a list of them): the observation: tensors in
                 [-1, 1] (NCHW or CHW), or PIL images / numpy arrays (HWC, NHWC) in [0, 1]; one image or a batch. Its
@@ -146,14 +125,6 @@ class CDRLInpaintPipeline(CDRLPipelineMixin, DiffusionPipeline):
             class_labels (`int`, `str` or a list of them, *optional*): for class-conditional models, a label or one
                 per image; ``None`` uses the unconditional (null-class) model.
             guidance_scale (`float`): the classifier-free guidance strength w (Eq. 11-12); needs ``class_labels``.
-            num_langevin_steps (`int`, *optional*): K' Langevin steps per level, as in ``CDRLPipeline.__call__``.
-            use_initializer (`bool`): ``False`` starts each level's Langevin chain at x_{t+1}.
-            generator (`torch.Generator` or a list of them, one per image): for reproducible results.
-            output_type (`str`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``, as in ``CDRLPipeline.__call__``.
-            return_dict (`bool`): return an ``ImagePipelineOutput`` rather than a tuple.
-            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`): called after each noise
-                level as ``callback(pipe, index, t, callback_kwargs)``; a returned ``"latents"`` replaces x_t.
-            callback_on_step_end_tensor_inputs (`list[str]`): tensors passed in ``callback_kwargs`` (``"latents"``).
 
         Examples:
 
@@ -161,16 +132,9 @@ class CDRLInpaintPipeline(CDRLPipelineMixin, DiffusionPipeline):
             `ImagePipelineOutput` with ``images``, or a tuple ``(images,)`` when ``return_dict=False``.
         """
         # 1. Check inputs
-        self.check_inputs(
-            class_labels,
-            guidance_scale,
-            num_langevin_steps,
-            use_initializer,
-            generator,
-            output_type,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
+        self.check_sampling_inputs(guidance_scale, num_langevin_steps, use_initializer, output_type)
+        self.check_callback_inputs(generator, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self.check_inputs(class_labels, guidance_scale)
         device = self._execution_device
 
         # 2. Observation, mask and labels, broadcast to one batch
@@ -197,16 +161,17 @@ class CDRLInpaintPipeline(CDRLPipelineMixin, DiffusionPipeline):
             return torch.where(generate, sample, known)
 
         # 4. Algorithm 2 with the known pixels projected after every step, and the Tweedie step
+        initializer_weights = self.guided_initializer_weights(energy_weights)
+        callback = self.step_end_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         samples = self.run_sampler(
             latents,
             energy_weights,
-            self.guided_initializer_weights(energy_weights),
+            initializer_weights,
             num_langevin_steps,
             use_initializer,
             generator,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            project=keep_known,
+            callback,
+            keep_known,
         )
 
         # 5. Outputs: the known pixels exactly as observed
