@@ -300,6 +300,8 @@ class ToyEvaluation:
     observed: list[torch.Tensor]
     densities: list[torch.Tensor]
     generated: list[torch.Tensor]
+    # The exact density of each level normalised on the grid (empty for data sets without a closed form).
+    true_densities: list[torch.Tensor] = field(default_factory=list)
 
 
 def sample_levels(
@@ -354,12 +356,14 @@ def evaluate_toy(models: ToyModels, config: ToyConfig, seed: int = 1234) -> ToyE
         "finite_sample_fraction": float(torch.isfinite(final).all(1).float().mean()),
     }
     finite = final[torch.isfinite(final).all(1)]
+    true_densities = []
     if has_density(config.dataset):
         kls = []
         for t in range(num_levels):
             alpha_bar, sigma_bar = scheduler.alpha_bar[t].item(), scheduler.sigma_bar[t].item()
             true = toy_log_density(config.dataset, grid.points, config.data_scale, alpha_bar, sigma_bar)
             kls.append(kl_divergence_on_grid(true, model_log_densities[t]))
+            true_densities.append(grid.as_image(grid_log_probabilities(true).exp()).float())
         metrics["kl_true_model"] = kls[0]
         metrics["kl_per_level"] = kls
         metrics["in_support_fraction"] = fraction_in_support(final, config.dataset, config.data_scale)
@@ -372,11 +376,12 @@ def evaluate_toy(models: ToyModels, config: ToyConfig, seed: int = 1234) -> ToyE
     )
     metrics["sliced_wasserstein_reference"] = sliced_wasserstein_distance(reference, clean, generator=projections)
     metrics["evaluation_seconds"] = time.perf_counter() - start
-    return ToyEvaluation(metrics, bound, observed, densities, generated)
+    return ToyEvaluation(metrics, bound, observed, densities, generated, true_densities)
 
 
 def plot_figure(evaluation: ToyEvaluation, scheduler: CDRLScheduler, path: str, max_points: int = 5000) -> None:
-    """Figure 1 layout: observed x_t, fitted density exp(f_theta) normalised on the grid, generated x_t."""
+    """Figure 1 layout: observed x_t, the true density (where known), the fitted density exp(f_theta) normalised on
+    the grid, and generated x_t, one column per level."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -384,25 +389,28 @@ def plot_figure(evaluation: ToyEvaluation, scheduler: CDRLScheduler, path: str, 
 
     num_levels = len(evaluation.densities)
     bound = evaluation.grid_bound
-    fig, axes = plt.subplots(3, num_levels, figsize=(2.2 * num_levels, 6.8), squeeze=False)
-    rows = ("observed", "fitted density", "generated")
+    rows = [("observed", evaluation.observed)]
+    if evaluation.true_densities:
+        rows.append(("true density", evaluation.true_densities))
+    rows += [("fitted density", evaluation.densities), ("generated", evaluation.generated)]
+    fig, axes = plt.subplots(len(rows), num_levels, figsize=(2.2 * num_levels, 2.27 * len(rows)), squeeze=False)
     for t in range(num_levels):
         axes[0, t].set_title(f"t = {t}  (λ = {scheduler.logsnr[t].item():.2f})", fontsize=8)
-        for row, points in ((0, evaluation.observed[t]), (2, evaluation.generated[t])):
-            points = points[:max_points].numpy()
-            axes[row, t].scatter(points[:, 0], points[:, 1], s=0.2, alpha=0.5, color="black", rasterized=True)
-        axes[1, t].imshow(
-            evaluation.densities[t].numpy(), origin="lower", extent=(-bound, bound, -bound, bound), cmap="viridis"
-        )
-        for row in range(3):
-            axes[row, t].set_xlim(-bound, bound)
-            axes[row, t].set_ylim(-bound, bound)
-            axes[row, t].set_aspect("equal")
-            axes[row, t].set_xticks([])
-            axes[row, t].set_yticks([])
-    for row, label in enumerate(rows):
+        for row, (label, values) in enumerate(rows):
+            axis = axes[row, t]
+            if label.endswith("density"):
+                axis.imshow(values[t].numpy(), origin="lower", extent=(-bound, bound, -bound, bound), cmap="viridis")
+            else:
+                points = values[t][:max_points].numpy()
+                axis.scatter(points[:, 0], points[:, 1], s=0.2, alpha=0.5, color="black", rasterized=True)
+            axis.set_xlim(-bound, bound)
+            axis.set_ylim(-bound, bound)
+            axis.set_aspect("equal")
+            axis.set_xticks([])
+            axis.set_yticks([])
+    for row, (label, _) in enumerate(rows):
         axes[row, 0].set_ylabel(label, fontsize=9)
-    axes[2, 0].set_xlabel("level 0: after the Tweedie step", fontsize=7)
+    axes[-1, 0].set_xlabel("level 0: after the Tweedie step", fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -27,8 +27,11 @@ def load_example():
 
 toy_2d = load_example()
 
-# A reduced configuration: narrower networks, fewer Langevin steps and a coarser evaluation than the defaults.
+# A reduced configuration: narrower networks, fewer Langevin steps, a coarser evaluation than the defaults, and the
+# checkerboard at half the size (scale 2), whose squares 400 steps learn more clearly.
 CI_CONFIG = toy_2d.ToyConfig(
+    data_scale=2.0,
+    lr_decay="constant",
     num_train_steps=400,
     batch_size=256,
     warmup_steps=100,
@@ -77,8 +80,11 @@ def test_the_run_saves_models_figure_and_metrics(trained_run):
     assert scheduler.config.langevin_step_size_rule == "toy" and scheduler.config.clip_sample is False
     assert energy_model.config.hidden_dim == CI_CONFIG.energy_hidden_dim
     assert initializer.config.num_layers == CI_CONFIG.initializer_num_layers
-    reloaded = toy_2d.evaluate_toy(toy_2d.ToyModels(energy_model, initializer, scheduler), CI_CONFIG).metrics
-    assert reloaded["kl_true_model"] == pytest.approx(result["metrics"]["kl_true_model"], rel=1e-4)
+    evaluation = toy_2d.evaluate_toy(toy_2d.ToyModels(energy_model, initializer, scheduler), CI_CONFIG)
+    assert evaluation.metrics["kl_true_model"] == pytest.approx(result["metrics"]["kl_true_model"], rel=1e-4)
+    # The figure's true-density row: each level's exact density, normalised on the grid.
+    assert len(evaluation.true_densities) == CI_CONFIG.num_noise_levels
+    assert all(density.sum().item() == pytest.approx(1.0, abs=1e-4) for density in evaluation.true_densities)
 
     assert (output_dir / "toy_2d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((output_dir / "metrics.json").read_text())
