@@ -1,7 +1,7 @@
 """FID of the authors' released checkpoints, converted: convert, sample 50k images, compare with the data.
 
 The paper reports FID 4.31 on CIFAR-10 (unconditional, Table 1) and 6.18 on ImageNet 32x32 with guidance w = 0.7
-(Sec. 4.2). This script measures the same quantity for the converted models with this library's sampler:
+(Sec. 4.3). This script measures the same quantity for the converted models with this library's sampler:
 
     python benchmarks/paper_fid.py --checkpoint Cifar_10_best.pth.tar --pipeline models/cdrl-cifar10 \
         --reference cifar10_train.npz --inception-weights weights-inception-2015-12-05-6726825d.pth

@@ -305,6 +305,21 @@ def test_converted_networks_match_the_authors_forward_at_every_level(small_check
             assert not torch.allclose(pipe.energy_model(sample, 1.0, torch.tensor([0] * 4)).neg_energy, expected)
 
 
+def test_an_ebm_trained_without_spectral_norm_converts_too():
+    torch.manual_seed(0)
+    ebm = RefEBM(temb_dim=8, ch_mult=(1, 2), n_blocks=1, use_sn=False)
+    unet = RefUNet(dim=32, levels=2, n_blocks=1, attn_resolutions=[], im_sz=8)
+    checkpoint = official_checkpoint(ebm, unet)
+    pipe = convert_official_state(checkpoint, sample_size=8).pipeline
+    assert not pipe.energy_model.config.use_spectral_norm
+    reference_with(ebm, checkpoint, "pi", True)
+    reference_with(unet, checkpoint, "p", True)
+    sample = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _close(pipe.energy_model(sample, LOGSNR[1:3]).neg_energy, ebm(sample, LOGSNR[1:3].clone()))
+        _close(pipe.initializer(sample, LOGSNR[2:4]).sample, unet(sample, LOGSNR[2:4].clone()))
+
+
 def test_converted_folder_samples_with_guidance_and_has_a_model_card(small_checkpoint, tmp_path):
     conditional, path, _ = small_checkpoint
     out = tmp_path / "converted"

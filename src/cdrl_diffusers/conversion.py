@@ -76,7 +76,7 @@ RELEASED_CHECKPOINTS = (
         training_script="main_cond.py",
         dataset="ImageNet 32x32",
         evaluation={
-            "FID of the released checkpoint at guidance_scale 0.7 (reported by the paper, Sec. 4.2 and Fig. 3c; "
+            "FID of the released checkpoint at guidance_scale 0.7 (reported by the paper, Sec. 4.3 and Fig. 3c; "
             "not measured here)": "6.18"
         },
         energy_config={**PAPER_EBM, "num_class_embeds": 1000},
