@@ -106,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     health = parser.add_argument_group("training health")
     health.add_argument("--max_consecutive_nonfinite", type=cli_positive_int, default=5, help="Then roll back.")
     health.add_argument("--max_rollbacks", type=cli_non_negative_int, default=3, help="Then give up.")
+    health.add_argument("--max_neg_energy_gap", type=cli_positive_float, default=50.0, help="Per-level |f_hat gap|.")
 
     output = parser.add_argument_group("checkpoints, logging and output")
     output.add_argument("--output_dir", type=str, help="Default: outputs/cdrl-<data>, e.g. outputs/cdrl-shapes.")
@@ -329,7 +330,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
     seed = training.training_seed(args.seed, accelerator.process_index)  # fresh noise per process
     generator = torch.Generator(accelerator.device).manual_seed(seed)
     progress = training.TrainingProgress()
-    monitor = training.TrainingHealthMonitor(args.num_noise_levels)  # per-level divergence checks
+    monitor = training.TrainingHealthMonitor(args.num_noise_levels, max_neg_energy_gap=args.max_neg_energy_gap)
     training.register_checkpoint_hooks(accelerator, networks, emas, generator)
     accelerator.register_for_checkpointing(lr_scheduler, progress, monitor)
     roll_back = training.RollBack(
