@@ -6,9 +6,9 @@ Each case calls one entry point with one bad argument and expects a ``ValueError
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -839,17 +839,10 @@ def test_model_loading(saved_pipeline, tmp_path, model_class, damage, error, mat
 # ---------------------------------------------------------------------------------------------------------------------
 # Example command lines: invalid values exit non-zero with a message naming the flag (nothing trains)
 # ---------------------------------------------------------------------------------------------------------------------
-_EXAMPLE_MODULES = {}
-
-
-def example(name):
-    if name not in _EXAMPLE_MODULES:
-        spec = importlib.util.spec_from_file_location(f"bad_inputs_{name}", EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        _EXAMPLE_MODULES[name] = module
-    return _EXAMPLE_MODULES[name]
+def run_example(name, argv, monkeypatch):
+    """Run ``examples/NAME.py ARGV`` the way a user does (as ``__main__``), in this process to save the imports."""
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+    runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
 
 
 MODEL = ["--model", "outputs/model"]
@@ -881,7 +874,7 @@ EXAMPLE_ARGS = [
     ("compose", [*MODEL, "--guidance_scales", "1", "-1"], "--guidance_scales"),
     ("compose", [*MODEL, "--guidance_scales", "nan"], "--guidance_scales"),
     ("compose", [*MODEL, "--upscale=0"], "--upscale"),
-    ("compose", [*MODEL, "--num_langevin_steps=0"], "--num_langevin_steps"),
+    ("compose", [*MODEL, "--num_langevin_steps=-1"], "--num_langevin_steps"),
     ("compose", [*MODEL, "--device=tpu:x"], "--device"),
     ("ood_detection", [*MODEL, "--num_images=0"], "--num_images"),
     ("ood_detection", [*MODEL, "--batch_size=0"], "--batch_size"),
@@ -894,9 +887,9 @@ EXAMPLE_ARGS = [
 @pytest.mark.parametrize(
     "script, argv, flag", [pytest.param(*args, id=f"{args[0]}-{args[2].lstrip('-')}") for args in EXAMPLE_ARGS]
 )
-def test_example_arguments(script, argv, flag, capsys):
+def test_example_arguments(script, argv, flag, capsys, monkeypatch):
     with pytest.raises((SystemExit, ValueError)) as info:
-        example(script).parse_args(argv)
+        run_example(script, argv, monkeypatch)
     if isinstance(info.value, SystemExit):
         assert info.value.code not in (0, None)
         message = capsys.readouterr().err

@@ -86,12 +86,8 @@ def extract_features(feature_extractor: nn.Module, images: torch.Tensor, batch_s
     return torch.cat(chunks)
 
 
-def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
-    r"""||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^{1/2}) of Gaussians fitted to two feature sets (FID's formula).
-
-    Computed by torchmetrics' ``FrechetInceptionDistance`` (float64 moments, unbiased covariances) on the given
-    features. Like FID, it is biased upwards for small sample sizes: compare values at equal sample sizes.
-    """
+def _check_feature_pair(real_features: torch.Tensor, fake_features: torch.Tensor) -> None:
+    """Both feature sets are valid and of the same width."""
     _check_features(real_features, "real_features")
     _check_features(fake_features, "fake_features")
     if real_features.shape[1] != fake_features.shape[1]:
@@ -99,6 +95,15 @@ def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -
             f"`real_features` and `fake_features` must have the same width, got {real_features.shape[1]} and "
             f"{fake_features.shape[1]}."
         )
+
+
+def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
+    r"""||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^{1/2}) of Gaussians fitted to two feature sets (FID's formula).
+
+    Computed by torchmetrics' ``FrechetInceptionDistance`` (float64 moments, unbiased covariances) on the given
+    features. Like FID, it is biased upwards for small sample sizes: compare values at equal sample sizes.
+    """
+    _check_feature_pair(real_features, fake_features)
     # The features are this process's own: no all-gather across processes (one rank alone may be evaluating).
     # normalize=False: with it True, torchmetrics before 1.4 turns even custom features into uint8 (x * 255).
     metric = FrechetInceptionDistance(
@@ -122,13 +127,7 @@ def kernel_distance(
     (``None``: use that size). The subsets are drawn with ``seed``, leaving the global RNG untouched. Unlike the
     Fréchet distance, KID is unbiased: two samples of one distribution give values around 0 (possibly negative).
     """
-    _check_features(real_features, "real_features")
-    _check_features(fake_features, "fake_features")
-    if real_features.shape[1] != fake_features.shape[1]:
-        raise ValueError(
-            f"`real_features` and `fake_features` must have the same width, got {real_features.shape[1]} and "
-            f"{fake_features.shape[1]}."
-        )
+    _check_feature_pair(real_features, fake_features)
     if isinstance(subsets, bool) or not isinstance(subsets, int) or subsets < 1:
         raise ValueError(f"`subsets` must be a positive integer, got {subsets!r}.")
     largest = min(real_features.shape[0], fake_features.shape[0])
