@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Figure 1 of the CDRL paper on a CPU: fit a 2-D checkerboard and measure the density the EBMs learn.
 
-    python examples/toy_2d.py                                # ~13 minutes on one CPU core (see docs/toy_2d.md)
-    python examples/toy_2d.py --dataset 8gaussians --num_train_steps 2000
+    python examples/toy_2d.py                        # at most 15 minutes of training on one CPU thread
+    python examples/toy_2d.py --seeds 0 1 2          # three seeds, mean ± spread (docs/toy_2d.md)
+    python examples/toy_2d.py --dataset 8gaussians --max_train_minutes 8
 
 It trains an ``EnergyMLP`` and an ``InitializerMLP`` with the library's ``cdrl_training_step`` (Algorithm 1), samples
 with ``CDRLPipeline`` (Algorithm 2), saves both models and the scheduler with ``save_pretrained``, draws the figure
