@@ -51,25 +51,36 @@ def frozen(*models: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def model_input(model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s weights (float32 for plain modules); diffusers walks the parameters to find it."""
+    return getattr(model, "dtype", torch.float32)
+
+
+def model_input(sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The chain state stays float32; a model cast to another dtype (``pipe.to(dtype)``) gets its own dtype.
 
     Under ``torch.autocast`` the input stays float32: autocast picks the dtype of each operation.
     """
-    dtype = getattr(model, "dtype", torch.float32)
     return sample if torch.is_autocast_enabled(sample.device.type) or dtype == sample.dtype else sample.to(dtype)
 
 
 def energy_gradient(
-    energy_model: nn.Module, sample: torch.Tensor, logsnr: torch.Tensor, terms: StackedTerms, condition: object = None
+    energy_model: nn.Module,
+    sample: torch.Tensor,
+    logsnr: torch.Tensor,
+    terms: StackedTerms,
+    condition: object = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """grad_y of the guided f_hat(y; lambda_t) (Eq. 11 and 14), in float32, with a graph for y alone.
 
-    ``condition`` is ``embed_terms(energy_model, logsnr, terms, batch)``, computed once per level.
+    ``condition`` is ``embed_terms(energy_model, logsnr, terms, batch)`` and ``dtype`` ``model_dtype(energy_model)``,
+    both computed once per level.
     """
+    dtype = model_dtype(energy_model) if dtype is None else dtype
     with torch.enable_grad():
         sample = sample.detach().requires_grad_(True)
-        neg_energy = weighted_model_output(energy_model, model_input(energy_model, sample), logsnr, terms, condition)
+        neg_energy = weighted_model_output(energy_model, model_input(sample, dtype), logsnr, terms, condition)
         (grad,) = torch.autograd.grad(neg_energy.float().sum(), sample)
     return grad.float()
 
@@ -77,7 +88,7 @@ def energy_gradient(
 def level_gradient(energy_model: nn.Module, logsnr: torch.Tensor, terms: StackedTerms, batch: int) -> EnergyGradient:
     """``energy_gradient`` for one level, with the (log-SNR, class) conditioning embedded once for its K steps."""
     condition = embed_terms(energy_model, logsnr, terms, batch)
-    return partial(energy_gradient, energy_model, terms=terms, condition=condition)
+    return partial(energy_gradient, energy_model, terms=terms, condition=condition, dtype=model_dtype(energy_model))
 
 
 def langevin_refine(
@@ -162,7 +173,9 @@ class CDRLSampler:
             return noisier
         logsnr = self.scheduler.initializer_logsnr(timestep, device=noisier.device)
         model = self.initializer
-        mean = weighted_model_output(model, model_input(model, noisier), logsnr, self.initializer_terms).float()
+        mean = weighted_model_output(
+            model, model_input(noisier, model_dtype(model)), logsnr, self.initializer_terms
+        ).float()
         noise = randn_tensor(mean.shape, generator=self.generator, device=mean.device, dtype=torch.float32)
         return self.scheduler.initializer_proposal(mean, timestep, noise)
 

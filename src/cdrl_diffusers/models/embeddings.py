@@ -118,6 +118,15 @@ def prepare_condition(
     return logsnr, class_labels.long()
 
 
+def condition_inputs(
+    logsnr: torch.Tensor, class_labels: torch.Tensor | None, num_class_embeds: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check and normalise the (batch,) log-SNR and class labels given to an energy model's ``embed_condition``."""
+    if not isinstance(logsnr, torch.Tensor) or logsnr.ndim != 1:
+        raise TypeError("`logsnr` must be a tensor of shape (batch,).")
+    return prepare_condition(logsnr.new_empty((logsnr.shape[0], 0)), logsnr, class_labels, num_class_embeds)
+
+
 def _can_check_values(sample: torch.Tensor) -> bool:
     """Value checks read tensors on the host: skipped while ``torch.compile`` traces or a CUDA graph is captured."""
     if torch.compiler.is_compiling():

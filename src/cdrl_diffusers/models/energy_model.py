@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..validation import check_channels, check_positive_int, check_positive_ints, check_sample
-from .embeddings import ConditionEmbedding, maybe_spectral_norm, prepare_condition
+from .embeddings import ConditionEmbedding, condition_inputs, maybe_spectral_norm, prepare_condition
 from .loading import ArchitectureCheckingMixin
 
 
@@ -212,10 +212,7 @@ class EnergyModel(ArchitectureCheckingMixin, ModelMixin, ConfigMixin):
             logsnr: lambda_t of shape (batch,).
             class_labels: integer labels of shape (batch,) for conditional models; ``None`` is the null class.
         """
-        if not isinstance(logsnr, torch.Tensor) or logsnr.ndim != 1:
-            raise TypeError("`logsnr` must be a tensor of shape (batch,).")
-        probe = logsnr.new_empty((logsnr.shape[0], 0))
-        logsnr, class_labels = prepare_condition(probe, logsnr, class_labels, self.config.num_class_embeds)
+        logsnr, class_labels = condition_inputs(logsnr, class_labels, self.config.num_class_embeds)
         embedding = self.act(self.embedding(logsnr, class_labels))
         return EnergyCondition(
             block_biases=tuple(block.embedding_bias(embedding) for block in self.blocks),

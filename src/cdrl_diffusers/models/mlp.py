@@ -12,7 +12,7 @@ from torch import nn
 
 from ..hub import SafeLoadingMixin
 from ..validation import check_positive_int, check_positive_ints, check_sample
-from .embeddings import ConditionEmbedding, maybe_spectral_norm, prepare_condition
+from .embeddings import ConditionEmbedding, condition_inputs, maybe_spectral_norm, prepare_condition
 from .energy_model import EnergyModelOutput, validate_class_names
 from .initializer_unet import InitializerOutput
 
@@ -107,18 +107,8 @@ class EnergyMLP(SafeLoadingMixin, ModelMixin, ConfigMixin):
         self.readout = nn.Linear(hidden_dim, 1, bias=False)
 
     def embed_condition(self, logsnr: torch.Tensor, class_labels: torch.Tensor | None = None) -> EnergyMLPCondition:
-        """Everything in f_hat that depends on (log-SNR, class) alone: each residual layer's embedding term.
-
-        Langevin sampling computes it once per level and passes it to the K forward passes as ``condition``.
-
-        Args:
-            logsnr: lambda_t of shape (batch,).
-            class_labels: integer labels of shape (batch,) for conditional models; ``None`` is the null class.
-        """
-        if not isinstance(logsnr, torch.Tensor) or logsnr.ndim != 1:
-            raise TypeError("`logsnr` must be a tensor of shape (batch,).")
-        probe = logsnr.new_empty((logsnr.shape[0], 0))
-        logsnr, class_labels = prepare_condition(probe, logsnr, class_labels, self.config.num_class_embeds)
+        """Each layer's embedding term: the (log-SNR, class) part of f_hat (``EnergyModel.embed_condition``)."""
+        logsnr, class_labels = condition_inputs(logsnr, class_labels, self.config.num_class_embeds)
         embedding = self.act(self.embedding(logsnr, class_labels))
         return EnergyMLPCondition(block_biases=tuple(layer.embedding_bias(embedding) for layer in self.layers))
 
@@ -130,14 +120,9 @@ class EnergyMLP(SafeLoadingMixin, ModelMixin, ConfigMixin):
         return_dict: bool = True,
         condition: EnergyMLPCondition | None = None,
     ) -> EnergyModelOutput | tuple[torch.Tensor]:
-        """f_hat(sample; logsnr, class) for ``sample`` of shape (batch, data_dim); see ``EnergyModel.forward``.
+        """f_hat(sample; logsnr, class) for vectors ``sample`` of shape (batch, data_dim) in the chain space y_t.
 
-        Args:
-            sample: vectors of shape (batch, data_dim), in the chain space y_t.
-            logsnr: lambda_t, a float or a tensor of shape (batch,).
-            class_labels: integer labels of shape (batch,) for conditional models; ``None`` is the null class.
-            return_dict: return an ``EnergyModelOutput`` rather than a tuple.
-            condition: ``embed_condition(logsnr, class_labels)`` for these same inputs, computed once and reused.
+        The other arguments are those of ``EnergyModel.forward``.
         """
         check_sample(sample, (self.config.data_dim,))
         logsnr, class_labels = prepare_condition(sample, logsnr, class_labels, self.config.num_class_embeds)

@@ -7,7 +7,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils import replace_example_docstring
 
 from ..guidance import ConditionWeights
-from ..sampling import frozen, model_input
+from ..sampling import frozen, model_dtype, model_input
 from ..schedulers.scheduling_cdrl import CDRLScheduler
 from ..validation import check_positive_int
 from .common import Callback, CDRLPipelineMixin, ClassLabels, EnergyNetwork, Generator, ImageInput, InitializerNetwork
@@ -172,6 +172,8 @@ class CDRLPipeline(CDRLPipelineMixin, DiffusionPipeline):
             for start in range(0, samples.shape[0], batch_size):
                 chunk = self.scheduler.to_chain_space(samples[start : start + batch_size], noise_level)
                 chunk_labels = None if labels is None else labels[start : start + batch_size]
-                output = self.energy_model(model_input(self.energy_model, chunk), logsnr, class_labels=chunk_labels)
+                output = self.energy_model(
+                    model_input(chunk, model_dtype(self.energy_model)), logsnr, class_labels=chunk_labels
+                )
                 scores.append(self.scheduler.log_density(output.neg_energy.float(), noise_level))
         return torch.cat(scores).cpu()
