@@ -146,7 +146,7 @@ class TrainingLog:
 
 
 def build_models(config: ToyConfig) -> ToyModels:
-    """Fresh models and the toy scheduler: s_t^2 = (c / sigma_bar_0) sigma_{t+1}^2, no clipping (SPEC §4)."""
+    """Fresh models and the toy scheduler: s_t^2 = (c / sigma_bar_0) sigma_{t+1}^2 as in the authors' 2-D script."""
     torch.manual_seed(config.seed)
     energy_model = EnergyMLP(
         data_dim=2,
