@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import TINY_SIZE, QuadraticImageEnergy, tiny_energy_model, tiny_initializer, tiny_pipeline
 
+import cdrl_diffusers
 from cdrl_diffusers import CDRLComposePipeline, CDRLPipeline, CDRLScheduler
 
 NAMES = ["male", "smiling", "young"]
@@ -157,3 +158,15 @@ def test_loads_from_a_cdrl_pipeline_folder_and_round_trips(tmp_path):
     assert json.loads((tmp_path / "compose" / "model_index.json").read_text())["_class_name"] == "CDRLComposePipeline"
     loaded = CDRLComposePipeline.from_pretrained(tmp_path / "compose")
     torch.testing.assert_close(generate(loaded, **kwargs), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pipeline_class", ["CDRLComposePipeline", "CDRLInpaintPipeline"])
+def test_every_pipeline_scores_log_densities_like_cdrl_pipeline(pipeline_class):
+    reference = tiny_pipeline(len(NAMES), NAMES)
+    other = getattr(cdrl_diffusers, pipeline_class)(**reference.components)
+    images = torch.rand(3, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for labels in (None, ["smiling"]):
+        expected = reference.log_density(images, class_labels=labels)
+        torch.testing.assert_close(other.log_density(images, class_labels=labels), expected)
+    with pytest.raises(ValueError, match="images"):
+        other.log_density(images * 255)

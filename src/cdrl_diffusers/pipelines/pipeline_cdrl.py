@@ -7,10 +7,9 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils import replace_example_docstring
 
 from ..guidance import ConditionWeights
-from ..sampling import frozen, model_dtype, model_input
 from ..schedulers.scheduling_cdrl import CDRLScheduler
 from ..validation import check_positive_int
-from .common import Callback, CDRLPipelineMixin, ClassLabels, EnergyNetwork, Generator, ImageInput, InitializerNetwork
+from .common import Callback, CDRLPipelineMixin, ClassLabels, EnergyNetwork, Generator, InitializerNetwork
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -123,57 +122,3 @@ class CDRLPipeline(CDRLPipelineMixin, DiffusionPipeline):
 
         # 5. Outputs
         return self.postprocess(samples, output_type, return_dict)
-
-    @torch.no_grad()
-    def log_density(
-        self,
-        images: ImageInput,
-        class_labels: ClassLabels | None = None,
-        noise_level: int = 0,
-        batch_size: int = 256,
-    ) -> torch.Tensor:
-        r"""Unnormalised log-density f_theta(input_scale_t x; t) = f_hat / s_t^2 of each sample (Sec. 4.4).
-
-        Higher means more in-distribution; at ``noise_level=0`` this is the out-of-distribution score of the paper.
-        Scores do not depend on how the samples are batched.
-
-        Args:
-            images: tensors in [-1, 1] (batch, C, H, W), or PIL images / numpy arrays in [0, 1]; (batch, data_dim)
-                tensors for vector models.
-            class_labels: for conditional models, labels of the class-conditional density (one, or one per sample);
-                ``None`` scores the unconditional (null-class) density.
-            noise_level: the pair t whose EBM scores the samples (0..T-1).
-            batch_size: samples per forward pass.
-
-        Returns:
-            A float tensor of shape (batch,) on the CPU.
-        """
-        # 1. Check inputs
-        check_positive_int(batch_size, "batch_size")
-        if isinstance(noise_level, bool) or not isinstance(noise_level, int):
-            raise TypeError(f"`noise_level` must be an int, got {type(noise_level).__name__}.")
-        if not 0 <= noise_level < self.scheduler.num_noise_levels:
-            raise ValueError(
-                f"`noise_level` must lie in [0, {self.scheduler.num_noise_levels - 1}], got {noise_level}."
-            )
-        samples = self.preprocess(images, "images")
-
-        # 2. Class labels
-        labels = None
-        if class_labels is not None:
-            labels, count = self.prepare_class_labels(class_labels, samples.shape[0], None, samples.device)
-            if count != samples.shape[0]:
-                raise ValueError(f"Got {count} class labels for {samples.shape[0]} images.")
-
-        # 3. f_hat / s_t^2 in chunks
-        logsnr = self.scheduler.energy_logsnr(noise_level, device=samples.device)
-        scores = []
-        with frozen(self.energy_model):
-            for start in range(0, samples.shape[0], batch_size):
-                chunk = self.scheduler.to_chain_space(samples[start : start + batch_size], noise_level)
-                chunk_labels = None if labels is None else labels[start : start + batch_size]
-                output = self.energy_model(
-                    model_input(chunk, model_dtype(self.energy_model)), logsnr, class_labels=chunk_labels
-                )
-                scores.append(self.scheduler.log_density(output.neg_energy.float(), noise_level))
-        return torch.cat(scores).cpu()
