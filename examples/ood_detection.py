@@ -7,9 +7,10 @@
 Every image is scored by its unnormalised log-density at the lowest noise level (``CDRLPipeline.log_density``:
 higher = more in-distribution). The in-distribution test set is a held-out draw of the embedded dataset the model
 was trained on (``--embedded_dataset``) or a folder of images (``--image_dir``). It is compared with shifted copies
-of itself (uniform noise, shuffled pixels, inverted images, interpolations of two images) and with a different
-dataset (the other embedded dataset, or ``--other_image_dir``). The script prints an AUROC table (1 = perfectly
-separated, 0.5 = chance) and writes it as JSON.
+of itself (uniform noise, shuffled pixels, inverted images, interpolations of two images, quarter-turn rotations,
+left-right flips, periodic gratings) and with a different dataset (the other embedded dataset, or
+``--other_image_dir``). The script prints an AUROC table (1 = perfectly separated, 0.5 = chance) and writes it as
+JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ SHIFT_NAMES = {
     "shuffled": "shuffled pixels",
     "inverted": "inverted images",
     "interpolated": "interpolated pairs",
+    "rotated": "rotated a quarter turn",
+    "flipped": "flipped left-right",
+    "periodic": "periodic gratings",
 }
 
 

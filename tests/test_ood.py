@@ -106,3 +106,46 @@ def test_shifted_sets():
         shift_images(images[:1], "interpolated")
     with pytest.raises(ValueError, match="images"):
         shift_images(images[0], "inverted")
+
+
+def test_rotated_and_flipped_shifts_are_exact_geometric_maps():
+    images = torch.rand(4, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    rotated = shift_images(images, "rotated")
+    assert torch.equal(rotated[:, :, 0, 0], images[:, :, 0, -1])  # counter-clockwise: the top-right corner moves left
+    assert torch.equal(rotated[:, :, 1, 2], images[:, :, 2, TINY_SIZE - 2])  # new (i, j) = old (j, W - 1 - i)
+    turns = [images]
+    for _ in range(4):
+        turns.append(shift_images(turns[-1], "rotated"))
+    assert not any(torch.equal(turn, images) for turn in turns[1:4])
+    assert torch.equal(turns[4], images)  # four quarter turns are the identity
+    flipped = shift_images(images, "flipped")
+    assert torch.equal(flipped, images[..., torch.arange(TINY_SIZE - 1, -1, -1)])  # left-right mirror
+    assert torch.equal(shift_images(flipped, "flipped"), images)  # an involution
+    with pytest.raises(ValueError, match="square"):
+        shift_images(torch.zeros(2, 1, 8, 6), "rotated")
+
+
+def test_periodic_shift_is_one_grating_per_image_in_its_value_range():
+    size = 16
+    images = torch.rand(32, 3, size, size, generator=torch.Generator().manual_seed(3)) * 1.5 - 0.75
+    patterns = shift_images(images, "periodic", torch.Generator().manual_seed(0))
+    assert patterns.shape == images.shape
+    assert torch.equal(patterns, shift_images(images, "periodic", torch.Generator().manual_seed(0)))
+    assert not torch.equal(patterns, shift_images(images, "periodic", torch.Generator().manual_seed(1)))
+    assert torch.equal(patterns, patterns[:, :1].expand_as(patterns))  # the same grating in every channel
+    assert (patterns.amin(dim=(1, 2, 3)) >= images.amin(dim=(1, 2, 3))).all()
+    assert (patterns.amax(dim=(1, 2, 3)) <= images.amax(dim=(1, 2, 3))).all()
+    wave_vectors = set()
+    for pattern in patterns[:, 0].double():
+        # One spatial frequency: the whole non-constant part of the DFT sits on the conjugate bins k and -k.
+        spectrum = torch.fft.fft2(pattern - pattern.mean()).abs()
+        k_y, k_x = divmod(int(spectrum.argmax()), size)
+        peaks = spectrum[[k_y, -k_y % size], [k_x, -k_x % size]]
+        assert (k_y, k_x) != (0, 0) and (-k_y % size, -k_x % size) != (k_y, k_x)
+        assert spectrum.pow(2).sum() == pytest.approx(peaks.pow(2).sum(), rel=1e-9)
+        # Constant along the stripes (a translation orthogonal to k), so periodic along k with period size / |k|.
+        torch.testing.assert_close(pattern.roll((k_x, -k_y), dims=(0, 1)), pattern)
+        wave_vectors.add(min((k_y, k_x), (-k_y % size, -k_x % size)))
+    assert len(wave_vectors) > 5  # random frequencies and orientations
+    with pytest.raises(ValueError, match="4x4"):
+        shift_images(torch.zeros(2, 1, 3, 8), "periodic")
