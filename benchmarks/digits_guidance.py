@@ -382,10 +382,15 @@ def print_tables(results: dict) -> None:
     real = results["real_data"]
     cells = [f"{real['accuracy']:.3f}", f"{real['frechet_distance']:.2f}", f"{real['diversity']:.2f}", "–"]
     print("| real held-out digits | " + " | ".join(cells * len(models)) + " |")
-    print("\n| OOD set (vs held-out digits) | CDRL AUROC | diffusion baseline |\n|---|---|---|")
-    for name, auroc in cdrl["ood"]["auroc"].items():
-        print(f"| {name} | {auroc:.3f} | no density |")
-    print(f"| training digits (same distribution) | {cdrl['ood']['held_out_vs_training_auroc']:.3f} | no density |")
+    baseline_cell = [] if baseline is None else ["no density"]
+    print("\n| OOD set (vs held-out digits) | CDRL AUROC |" + " diffusion baseline |" * len(baseline_cell))
+    print("|---|---|" + "---|" * len(baseline_cell))
+    ood = cdrl["ood"]
+    for name, auroc in [
+        *ood["auroc"].items(),
+        ("training digits (same distribution)", ood["held_out_vs_training_auroc"]),
+    ]:
+        print(" | ".join(["", name, f"{auroc:.3f}", *baseline_cell, ""]).strip())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -413,6 +418,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    if args.samples_per_class < 2:
+        raise ValueError(
+            f"`--samples_per_class` must be at least 2 (diversity is measured within a class), "
+            f"got {args.samples_per_class}."
+        )
     if args.skip_training and not args.skip_baseline and args.baseline_minutes is None:
         raise ValueError(
             "`--baseline_minutes` is needed with `--skip_training`: the baseline's budget defaults to CDRL's "
