@@ -88,6 +88,19 @@ def test_toy_step_size_rule_has_no_sigma_bar_factor():
     assert math.isclose(ratio[0].item(), 0.27, rel_tol=0.02)
 
 
+def test_one_step_size_constant_per_pair(tmp_path):
+    """A list of c gives pair t the step of the scalar rule with c_t; it survives save/load."""
+    scales = [6e-3, 2e-3, 2e-3, 2e-3, 2e-3, 2e-3]
+    scheduler = CDRLScheduler(langevin_step_size_rule="toy", langevin_step_size_scale=scales)
+    for t, c in enumerate(scales):
+        single = CDRLScheduler(langevin_step_size_rule="toy", langevin_step_size_scale=c)
+        assert math.isclose(scheduler.langevin_step_size[t].item(), single.langevin_step_size[t].item(), rel_tol=1e-6)
+    assert math.isclose(scheduler.langevin_step_size[0].item() ** 2 / scheduler.sigma[0].item() ** 2, 0.81, rel_tol=0.02)
+    scheduler.save_pretrained(tmp_path)
+    loaded = CDRLScheduler.from_pretrained(tmp_path)
+    assert torch.equal(loaded.langevin_step_size, scheduler.langevin_step_size)
+
+
 def test_drl_schedule_levels():
     scheduler = CDRLScheduler(schedule="drl")
     betas = np.linspace(1e-4, 0.02, 1000)
@@ -117,6 +130,8 @@ def test_config_round_trip(tmp_path):
         ({"schedule": "linear"}, "schedule"),
         ({"langevin_step_size_rule": "big"}, "langevin_step_size_rule"),
         ({"langevin_step_size_scale": -1.0}, "langevin_step_size_scale"),
+        ({"langevin_step_size_scale": [2e-3] * 5}, "one per pair"),
+        ({"langevin_step_size_scale": [2e-3] * 5 + [0.0]}, "langevin_step_size_scale"),
     ],
 )
 def test_bad_configuration_is_rejected(kwargs, message):

@@ -44,6 +44,7 @@ CI_CONFIG = toy_2d.ToyConfig(
     initializer_hidden_dim=64,
     initializer_num_layers=2,
     num_langevin_steps=8,
+    sampling_langevin_steps=16,
     log_every=100,
     num_eval_samples=2000,
     grid_resolution=100,
@@ -66,6 +67,7 @@ def test_short_training_clearly_beats_the_untrained_model(trained_run):
     trained = result["metrics"]
     assert trained["kl_true_model"] < 0.5 * untrained["kl_true_model"]
     assert trained["in_support_fraction"] > untrained["in_support_fraction"] + 0.25
+    assert trained["in_support_fraction_trained_k"] > untrained["in_support_fraction_trained_k"] + 0.2
     assert trained["mmd"] < 0.5 * untrained["mmd"]
     assert trained["sliced_wasserstein"] < 0.5 * untrained["sliced_wasserstein"]
     assert len(trained["kl_per_level"]) == CI_CONFIG.num_noise_levels
@@ -78,6 +80,10 @@ def test_the_run_saves_models_figure_and_metrics(trained_run):
     initializer = InitializerMLP.from_pretrained(output_dir / "initializer")
     scheduler = CDRLScheduler.from_pretrained(output_dir / "scheduler")
     assert scheduler.config.langevin_step_size_rule == "toy" and scheduler.config.clip_sample is False
+    # Pair 0 has its own step-size constant; the others share the authors' c.
+    assert list(scheduler.config.langevin_step_size_scale) == [CI_CONFIG.level0_langevin_step_size_scale] + [
+        CI_CONFIG.langevin_step_size_scale
+    ] * (CI_CONFIG.num_noise_levels - 1)
     assert energy_model.config.hidden_dim == CI_CONFIG.energy_hidden_dim
     assert initializer.config.num_layers == CI_CONFIG.initializer_num_layers
     evaluation = toy_2d.evaluate_toy(toy_2d.ToyModels(energy_model, initializer, scheduler), CI_CONFIG)

@@ -103,7 +103,8 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         schedule: ``"cosine"`` (the paper's, Eq. 19-20) or ``"drl"`` (the original DRL levels, for ablations).
         langevin_step_size_rule: ``"image"`` (s_t^2 = c sigma_bar_t / sigma_bar_0 sigma_{t+1}^2) or ``"toy"``
             (s_t^2 = c / sigma_bar_0 sigma_{t+1}^2, used by the official 2-D example with c = 2e-3).
-        langevin_step_size_scale: c in the step-size rule.
+        langevin_step_size_scale: c in the step-size rule, or one c per pair (a sequence of length T): e.g. a coarser
+            level-0 step, whose 1 / s_0^2 multiplies every error of f_hat in the cleanest density.
         tweedie_coefficient: the multiplier of the score in the final Tweedie step (the paper's 2.0, App. A.2).
         clip_sample: clamp the final samples to [-1, 1], the range of image data.
     """
@@ -120,7 +121,7 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         num_langevin_steps: int = 15,
         schedule: str = "cosine",
         langevin_step_size_rule: str = "image",
-        langevin_step_size_scale: float = 4e-4,
+        langevin_step_size_scale: float | list[float] = 4e-4,
         tweedie_coefficient: float = 2.0,
         clip_sample: bool = True,
     ):
@@ -138,8 +139,18 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         check_number(tweedie_coefficient, "tweedie_coefficient")
         if not isinstance(clip_sample, bool):
             raise TypeError(f"`clip_sample` must be True or False, got {clip_sample!r}.")
-        if not check_number(langevin_step_size_scale, "langevin_step_size_scale") > 0:
-            raise ValueError(f"`langevin_step_size_scale` must be positive, got {langevin_step_size_scale}.")
+        scales = langevin_step_size_scale
+        if isinstance(scales, (list, tuple)):
+            if len(scales) != num_noise_levels:
+                raise ValueError(
+                    f"`langevin_step_size_scale` must be one number or {num_noise_levels} (one per pair), "
+                    f"got {len(scales)}."
+                )
+        else:
+            scales = [scales]
+        for scale in scales:
+            if not check_number(scale, "langevin_step_size_scale") > 0:
+                raise ValueError(f"`langevin_step_size_scale` must be positive, got {langevin_step_size_scale}.")
 
         if schedule == "cosine":
             logsnr = cosine_logsnr_schedule(num_noise_levels, logsnr_max, logsnr_min)
@@ -152,7 +163,7 @@ class CDRLScheduler(SchedulerMixin, ConfigMixin):
         input_scale = alpha.clone()
         input_scale[-1] = 1.0
 
-        step_size_squared = langevin_step_size_scale / sigma_bar[0] * sigma**2
+        step_size_squared = torch.tensor(scales, dtype=sigma.dtype) / sigma_bar[0] * sigma**2
         if langevin_step_size_rule == "image":
             step_size_squared = step_size_squared * sigma_bar[:-1]
 
