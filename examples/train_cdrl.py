@@ -339,7 +339,12 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
     # The model card lists Hub datasets in its metadata (a --dataset_name that is not a local folder).
     dataset_id = args.dataset_name if args.dataset_name and not os.path.exists(args.dataset_name) else None
     card = dict(repo_id=args.hub_model_id, dataset_name=dataset_name, dataset_id=dataset_id)
-    outputs = training.RunOutputs(accelerator, args.output_dir, args.logger, args.eval_batch_size, args.seed, **card)
+    # The model card shows the samples beside training images (one class per column for a conditional model).
+    reference_rows = dataset.select(range(min(len(dataset), 1024)))
+    real_data = training.image_tensors(reference_rows, args.image_column, args.resolution, channels, args.label_column)
+    outputs = training.RunOutputs(
+        accelerator, args.output_dir, args.logger, args.eval_batch_size, args.seed, real_data=real_data, **card
+    )
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         training.remove_stale_folders(args.output_dir)  # temporary folders of a save that a crash interrupted

@@ -99,9 +99,11 @@ def test_default_run_exports_a_loadable_pipeline_with_a_model_card(default_run):
     assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.library_name == "cdrl_diffusers" and card.data.datasets is None  # embedded data: no Hub id
-    assert "![samples](samples.png)" in card.text and "Optimisation steps | 6" in card.text
+    assert "| ![samples](samples.png) | ![training data](data.png) |" in card.text  # beside the training data
+    assert "Optimisation steps | 6" in card.text
     assert "Skipped non-finite steps | 0" in card.text
     assert PIL.Image.open(output_dir / "samples.png").size[0] > 0
+    assert PIL.Image.open(output_dir / "data.png").size[1] == PIL.Image.open(output_dir / "samples.png").size[1]
 
 
 def test_default_run_writes_sample_grids_and_logs_health(default_run):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -16,6 +17,7 @@ from cdrl_diffusers.training import (
     CDRLTrainingOutput,
     StepMetrics,
     check_tracker_available,
+    data_grid,
     export_pipeline,
     reporting,
     sample_grid,
@@ -68,3 +70,26 @@ def test_export_pipeline_writes_the_grid_and_a_model_card(tmp_path):
     assert "![samples](samples.png)" in card.text and "Optimisation steps | 7" in card.text
     assert str(tmp_path / "out") in card.text  # the usage snippet loads the folder
     assert CDRLPipeline.from_pretrained(tmp_path / "out").scheduler.config.num_noise_levels == 2
+
+
+def test_data_grid_puts_each_class_in_its_column_like_the_samples():
+    pipeline = tiny_pipeline(num_class_embeds=2, num_noise_levels=2)
+    channels, size = pipeline.sample_shape[0], pipeline.sample_shape[-1]
+    labels = torch.tensor([1, 0, 1, 0, 1])
+    images = torch.where(labels == 1, 1.0, -1.0).view(-1, 1, 1, 1).expand(-1, channels, size, size)
+    grid = data_grid(pipeline, images, labels, num_images=4)
+    assert grid.size == (2 * 64, 2 * 64)  # the layout of one panel of sample_grid: a class per column, upscaled
+    pixels = torch.from_numpy(np.asarray(grid.convert("L")).copy())
+    assert (pixels[:, :64] == 0).all() and (pixels[:, 64:] == 255).all()  # class 0 black, class 1 white
+    unconditional = data_grid(tiny_pipeline(num_noise_levels=2), images, None, num_images=3)
+    assert unconditional.size == (3 * 64, 64)  # in order, up to 8 per row
+
+
+def test_the_model_card_shows_the_samples_beside_the_training_data(tmp_path):
+    pipeline = tiny_pipeline(num_noise_levels=2)
+    images = torch.rand(4, *pipeline.sample_shape) * 2 - 1
+    real = data_grid(pipeline, images, None, num_images=2)
+    export_pipeline(pipeline, str(tmp_path / "out"), sample_grid(pipeline, num_images=2), real_grid=real)
+    assert (tmp_path / "out" / "data.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = ModelCard.load(tmp_path / "out" / "README.md").text
+    assert "| ![samples](samples.png) | ![training data](data.png) |" in card

@@ -59,6 +59,7 @@ def create_model_card(
     training_details: Mapping[str, Any] | None = None,
     evaluation: Mapping[str, Any] | None = None,
     sample_grid: str | None = None,
+    data_grid: str | None = None,
     license: str = "apache-2.0",
     extra_tags: tuple[str, ...] = (),
     description: str | None = None,
@@ -75,6 +76,7 @@ def create_model_card(
         training_details: hyper-parameters and run facts (steps, batch size, learning rates, time, ...).
         evaluation: metric names and values, when known.
         sample_grid: path of a sample image, relative to the saved folder.
+        data_grid: path of a grid of training images, relative to the saved folder, shown beside ``sample_grid``.
         license: the licence identifier.
         extra_tags: tags added to the defaults.
         description: the paragraph under the title, replacing the default one (e.g. for converted checkpoints).
@@ -160,7 +162,10 @@ def create_model_card(
         "## Model",
         _table(architecture),
     ]
-    if sample_grid:
+    if sample_grid and data_grid:
+        panels = "| samples: the initializer alone (left), CDRL (right) | training data |\n| --- | --- |\n"
+        sections += ["## Samples", panels + f"| ![samples]({sample_grid}) | ![training data]({data_grid}) |"]
+    elif sample_grid:
         sections += ["## Samples", f"![samples]({sample_grid})"]
     if training_details:
         sections += ["## Training", _table(training_details)]

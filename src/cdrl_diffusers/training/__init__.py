@@ -34,6 +34,7 @@ from .reporting import (
     RunOutputs,
     StepMetrics,
     check_tracker_available,
+    data_grid,
     export_pipeline,
     log_image,
     push_to_hub,
@@ -95,5 +96,6 @@ __all__ = [
     "export_pipeline",
     "log_image",
     "push_to_hub",
+    "data_grid",
     "sample_grid",
 ]

@@ -83,9 +83,7 @@ def sample_grid(pipeline: CDRLPipeline, num_images: int, seed: int = 0) -> PIL.I
     class per column (in the order of ``pipeline.class_names``) when it has at most 12 classes.
     """
     device = pipeline.device
-    num_classes = pipeline.energy_model.config.num_class_embeds
-    columns = num_classes if num_classes is not None and num_classes <= 12 else min(8, num_images)
-    batch = math.ceil(num_images / columns) * columns
+    columns, batch, num_classes = _grid_layout(pipeline, num_images)
     labels = None if num_classes is None else torch.arange(batch, device=device) % num_classes
     latents = randn_tensor(
         (batch, *pipeline.sample_shape), generator=torch.Generator().manual_seed(seed), device=device
@@ -110,6 +108,36 @@ def sample_grid(pipeline: CDRLPipeline, num_images: int, seed: int = 0) -> PIL.I
     return grid
 
 
+def _grid_layout(pipeline: CDRLPipeline, num_images: int) -> tuple[int, int, int | None]:
+    """(columns, batch, classes): one class per column for a conditional model with at most 12 classes."""
+    num_classes = pipeline.energy_model.config.num_class_embeds
+    columns = num_classes if num_classes is not None and num_classes <= 12 else min(8, num_images)
+    return columns, math.ceil(num_images / columns) * columns, num_classes
+
+
+def data_grid(
+    pipeline: CDRLPipeline, images: torch.Tensor, labels: torch.Tensor | None, num_images: int
+) -> PIL.Image.Image:
+    """Training images (in [-1, 1]) laid out like one panel of ``sample_grid``, the reference for the samples.
+
+    For a conditional model with at most 12 classes, column c holds images of class c (``labels``); otherwise the
+    images come in order. A class with fewer images than rows repeats its images; a class without any is left black.
+    """
+    columns, batch, num_classes = _grid_layout(pipeline, num_images)
+    if num_classes is not None and num_classes <= 12 and labels is not None:
+        picked = []
+        for index in range(batch):
+            of_class = torch.nonzero(labels == index % columns).flatten()
+            row = index // columns
+            picked.append(images[of_class[row % len(of_class)]] if len(of_class) else torch.full_like(images[0], -1))
+        picked = torch.stack(picked)
+    else:
+        picked = images[torch.arange(batch) % len(images)]
+    upscale = max(1, 64 // pipeline.sample_shape[-1])
+    pil = _to_pil(pipeline, (picked + 1) / 2, upscale)
+    return make_image_grid(pil, rows=batch // columns, cols=columns).convert("RGB")
+
+
 def log_image(accelerator: Accelerator, tracker: str, grid: PIL.Image.Image, step: int, tag: str = "samples") -> None:
     """Log ``grid`` to the tracker ``tracker`` (``"tensorboard"`` or ``"wandb"``) of ``accelerator``."""
     if tracker == "tensorboard":
@@ -127,19 +155,24 @@ def export_pipeline(
     grid: PIL.Image.Image,
     training_details: Mapping[str, Any] | None = None,
     card_folder: str | None = None,
+    real_grid: PIL.Image.Image | None = None,
     **card_kwargs: Any,
 ) -> None:
     """``save_pretrained`` into ``output_dir``, with the sample grid ``samples.png`` and a model card showing it.
 
     ``card_folder`` is the folder the card's usage snippet names (default ``output_dir``; differs when the export is
-    renamed afterwards); ``card_kwargs`` (``repo_id``, ``dataset_name``, ``dataset_id``) go to the card.
+    renamed afterwards); ``real_grid`` (``data_grid``) is saved as ``data.png`` and shown beside the samples;
+    ``card_kwargs`` (``repo_id``, ``dataset_name``, ``dataset_id``) go to the card.
     """
     os.makedirs(output_dir, exist_ok=True)
     grid.save(os.path.join(output_dir, "samples.png"))
+    if real_grid is not None:
+        real_grid.save(os.path.join(output_dir, "data.png"))
     card = pipeline.create_model_card(
         folder=output_dir if card_folder is None else card_folder,
         training_details=training_details,
         sample_grid="samples.png",
+        data_grid=None if real_grid is None else "data.png",
         **card_kwargs,
     )
     pipeline.save_pretrained(output_dir, model_card=card)
@@ -187,6 +220,8 @@ class RunOutputs:
         output_dir: the run's folder.
         tracker: ``"tensorboard"`` or ``"wandb"``.
         num_images: images per sample grid (``sample_grid``), drawn from ``seed``.
+        real_data: training images in [-1, 1] and their class labels (or ``None``), shown beside the samples in the
+            model card (``data_grid``).
         card_kwargs: for the model card of exported pipelines (``repo_id``, ``dataset_name``, ``dataset_id``).
     """
 
@@ -197,10 +232,15 @@ class RunOutputs:
         tracker: str,
         num_images: int,
         seed: int = 0,
+        real_data: tuple[torch.Tensor, torch.Tensor | None] | None = None,
         **card_kwargs: Any,
     ):
         self.accelerator, self.output_dir, self.tracker = accelerator, output_dir, tracker
         self.num_images, self.seed, self.card_kwargs = num_images, seed, card_kwargs
+        self.real_data = real_data
+
+    def _real_grid(self, pipeline: CDRLPipeline) -> PIL.Image.Image | None:
+        return None if self.real_data is None else data_grid(pipeline, *self.real_data, self.num_images)
 
     def samples(self, pipeline: CDRLPipeline, step: int) -> PIL.Image.Image:
         """A sample grid of ``pipeline``, written to ``samples/step_<step>.png`` and logged to the tracker."""
@@ -212,13 +252,16 @@ class RunOutputs:
 
     def export(self, pipeline: CDRLPipeline, details: Mapping[str, Any], grid: PIL.Image.Image) -> None:
         """``export_pipeline`` into ``output_dir`` with the model card facts ``details``."""
-        export_pipeline(pipeline, self.output_dir, grid, details, **self.card_kwargs)
+        export_pipeline(
+            pipeline, self.output_dir, grid, details, real_grid=self._real_grid(pipeline), **self.card_kwargs
+        )
 
     def export_best(self, pipeline: CDRLPipeline, details: Mapping[str, Any]) -> str:
         """Export ``pipeline`` to ``output_dir/best`` atomically (a hidden ``.best.tmp`` renamed); returns the path."""
         temporary, best = os.path.join(self.output_dir, ".best.tmp"), os.path.join(self.output_dir, "best")
         shutil.rmtree(temporary, ignore_errors=True)
         grid = sample_grid(pipeline, self.num_images, self.seed)
-        export_pipeline(pipeline, temporary, grid, details, card_folder=best, **self.card_kwargs)
+        real_grid = self._real_grid(pipeline)
+        export_pipeline(pipeline, temporary, grid, details, card_folder=best, real_grid=real_grid, **self.card_kwargs)
         replace_folder_atomically(temporary, best)
         return best
