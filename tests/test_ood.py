@@ -142,7 +142,7 @@ def test_periodic_shift_is_one_grating_per_image_in_its_value_range():
         k_y, k_x = divmod(int(spectrum.argmax()), size)
         peaks = spectrum[[k_y, -k_y % size], [k_x, -k_x % size]]
         assert (k_y, k_x) != (0, 0) and (-k_y % size, -k_x % size) != (k_y, k_x)
-        assert spectrum.pow(2).sum() == pytest.approx(peaks.pow(2).sum(), rel=1e-9)
+        assert spectrum.pow(2).sum().item() == pytest.approx(peaks.pow(2).sum().item(), rel=1e-9)
         # Constant along the stripes (a translation orthogonal to k), so periodic along k with period size / |k|.
         torch.testing.assert_close(pattern.roll((k_x, -k_y), dims=(0, 1)), pattern)
         wave_vectors.add(min((k_y, k_x), (-k_y % size, -k_x % size)))
