@@ -91,6 +91,8 @@ class ToyConfig:
     # c of pair 0 alone. The level-0 density is f_hat / s_0^2, so a small s_0 magnifies every error of f_hat there;
     # the authors' c gives s_0 = 0.59 s_1, 3x c gives s_0 = s_1 (docs/toy_2d.md).
     level0_langevin_step_size_scale: float = 6e-3
+    # How often pair 0 is drawn relative to each other pair (1: uniform, as in Algorithm 1).
+    level0_sampling_weight: float = 1.0
     # K' of the evaluation samples: the sampling adjustment of Sec. 4.2 (step size s_t sqrt(K / K')), which trades
     # sampling time for the sampler's own blur of the sharp level-0 density.
     sampling_langevin_steps: int = 90
@@ -114,6 +116,7 @@ class ToyConfig:
         positive += ("initializer_hidden_dim", "initializer_num_layers", "grid_resolution", "data_scale", "grid_bound")
         positive += ("ebm_learning_rate", "initializer_learning_rate", "max_grad_norm", "langevin_step_size_scale")
         positive += ("max_train_minutes", "level0_langevin_step_size_scale", "sampling_langevin_steps")
+        positive += ("level0_sampling_weight",)
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"`--{name}` must be positive, got {getattr(self, name)}.")
@@ -207,6 +210,9 @@ def train_toy(
     energy_model.train()
     initializer.train()
     generator = torch.Generator().manual_seed(config.seed)
+    levels = None
+    if config.level0_sampling_weight != 1.0:
+        levels = [config.level0_sampling_weight] + [1.0] * (scheduler.num_noise_levels - 1)
     ebm_optimizer = torch.optim.Adam(energy_model.parameters(), lr=config.ebm_learning_rate, betas=(0.9, 0.999))
     initializer_optimizer = torch.optim.AdamW(
         initializer.parameters(), lr=config.initializer_learning_rate, betas=(0.9, 0.999), weight_decay=0.0
@@ -243,7 +249,9 @@ def train_toy(
                 group["lr"] = rate * _decay(config, progress_fraction)
         clean = sample_toy(config.dataset, config.batch_size, generator=generator, scale=config.data_scale)
         with _autocast(config.mixed_precision):
-            output = cdrl_training_step(energy_model, initializer, scheduler, clean, generator=generator)
+            output = cdrl_training_step(
+                energy_model, initializer, scheduler, clean, generator=generator, level_probabilities=levels
+            )
         losses = torch.stack([output.ebm_loss, output.initializer_loss]).detach()
         if not torch.isfinite(losses).all():
             raise DivergenceError(

@@ -584,6 +584,10 @@ TRAINING_STEP = [
     case("label_dropout-negative", lambda m: train(m, label_dropout=-0.1), ValueError, "label_dropout"),
     case("precision-unknown", lambda m: train(m, precision="int8"), ValueError, "precision"),
     case("generator-int", lambda m: train(m, generator=0), TypeError, "generator"),
+    case("levels-length", lambda m: train(m, level_probabilities=[1.0] * 5), ValueError, "level_probabilities"),
+    case("levels-negative", lambda m: train(m, level_probabilities=[2.0] + [-0.1] * 5), ValueError, "level_proba"),
+    case("levels-nan", lambda m: train(m, level_probabilities=[NAN] + [1.0] * 5), ValueError, "level_probabilities"),
+    case("levels-zero-sum", lambda m: train(m, level_probabilities=[0.0] * 6), ValueError, "level_probabilities"),
     case("drop_labels-probability", lambda m: drop_labels(labels(0, 1), 3, probability=2.0), ValueError, "probabili"),
 ]
 

@@ -157,6 +157,8 @@ def test_config_validation_and_presets():
         toy_2d.ToyConfig(final_lr_fraction=1.5)
     with pytest.raises(ValueError, match="max_train_minutes"):
         toy_2d.ToyConfig(max_train_minutes=0)
+    with pytest.raises(ValueError, match="level0_sampling_weight"):
+        toy_2d.ToyConfig(level0_sampling_weight=0.0)
     config, _ = toy_2d.parse_args(["--num_train_steps", "123", "--seed", "3", "--lr_decay", "cosine"])
     assert (config.num_train_steps, config.seed, config.lr_decay) == (123, 3, "cosine")
     assert config.batch_size == toy_2d.ToyConfig().batch_size  # everything else keeps its default

@@ -98,6 +98,28 @@ def test_same_generator_same_losses():
     assert torch.equal(runs[0].initializer_loss, runs[1].initializer_loss)
 
 
+def test_level_probabilities_set_how_often_each_pair_is_drawn():
+    """Pairs follow the normalised weights, a pair of weight 0 is never drawn, and ``None`` is the uniform draw."""
+    energy, initializer = QuadraticEnergy(data_dim=2, curvature=1.0), ShiftInitializer(data_dim=2)
+    scheduler = CDRLScheduler(num_langevin_steps=1)
+    clean = torch.zeros(6000, 2)
+    weights = [3.0, 1.0, 1.0, 0.0, 1.0, 2.0]
+    out = cdrl_training_step(
+        energy, initializer, scheduler, clean, generator=torch.Generator().manual_seed(0), level_probabilities=weights
+    )
+    frequencies = out.level_counts.double() / 6000
+    expected = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    # Binomial standard deviations are below 0.0055 for 6,000 draws: 4 of them.
+    torch.testing.assert_close(frequencies, expected, atol=0.022, rtol=0)
+    assert out.level_counts[3] == 0
+    assert torch.isnan(out.level_metrics["ebm_loss"][3])
+
+    uniform = cdrl_training_step(
+        energy, initializer, scheduler, clean[:8], generator=torch.Generator().manual_seed(1)
+    ).timesteps
+    assert torch.equal(uniform, torch.randint(0, 6, (8,), generator=torch.Generator().manual_seed(1)))
+
+
 def test_conditional_training_uses_labels_and_dropout():
     energy, initializer = tiny_energy_model(num_class_embeds=3), tiny_initializer(num_class_embeds=3)
     scheduler = CDRLScheduler(num_langevin_steps=2)

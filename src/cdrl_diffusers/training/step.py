@@ -96,6 +96,22 @@ def _per_level_mean(values: torch.Tensor, timesteps: torch.Tensor, num_levels: i
     return sums / counts
 
 
+def _level_weights(level_probabilities: torch.Tensor | list[float], num_levels: int) -> torch.Tensor:
+    """``level_probabilities`` as a float64 tensor of T non-negative, finite weights with a positive sum."""
+    weights = torch.as_tensor(level_probabilities, dtype=torch.float64)
+    if (
+        weights.shape != (num_levels,)
+        or not torch.isfinite(weights).all()
+        or (weights < 0).any()
+        or weights.sum() <= 0
+    ):
+        raise ValueError(
+            f"`level_probabilities` must hold {num_levels} non-negative finite weights with a positive sum, "
+            f"got {level_probabilities}."
+        )
+    return weights
+
+
 def cdrl_training_step(
     energy_model: nn.Module,
     initializer: nn.Module,
@@ -106,10 +122,12 @@ def cdrl_training_step(
     label_dropout: float = 0.1,
     precision: str | None = None,
     initializer_target: str = "refined",
+    level_probabilities: torch.Tensor | list[float] | None = None,
 ) -> CDRLTrainingOutput:
     r"""Losses of one CDRL iteration (Algorithm 1) on a batch of clean data in [-1, 1].
 
-    1. Draw a pair t ~ U{0..T-1} and one noise eps per example; build y_t^+ and x_{t+1} from the shared eps (Eq. 9).
+    1. Draw a pair t ~ U{0..T-1} (or from ``level_probabilities``) and one noise eps per example; build y_t^+ and
+       x_{t+1} from the shared eps (Eq. 9).
     2. Propose y_hat_t = g(x_{t+1}) + sigma_tilde_t eps' (Eq. 6).
     3. Refine it with K Langevin steps on the conditional EBM (Eq. 5), in eval mode and without parameter
        gradients: y_tilde_t.
@@ -132,6 +150,9 @@ def cdrl_training_step(
             Langevin state, noise and losses are float32 in every mode.
         initializer_target: what the initializer regresses on: ``"refined"`` (y_tilde_t, Eq. 8, cooperative
             training) or ``"data"`` (y_t^+, App. G.2).
+        level_probabilities: T non-negative weights, normalised to the probabilities of drawing each pair t
+            (``None``: uniform, as in Algorithm 1). Each example's loss is unchanged, so a pair drawn twice as often
+            gets twice the weight and half the gradient variance in the EBM and the initializer objectives.
 
     For tight memory, ``energy_model.enable_gradient_checkpointing()`` stops the positive and negative passes of the
     EBM loss from holding their activations until the backward pass (docs/performance.md gives the cost).
@@ -167,9 +188,12 @@ def cdrl_training_step(
     if energy_labels is not None and initializer_labels is not None and energy_null != initializer_null:
         raise ValueError("A conditional EBM and a conditional initializer must have the same `num_class_embeds`.")
 
-    timesteps = torch.randint(
-        0, num_levels, (batch,), generator=generator, device=generator.device if generator else "cpu"
-    )
+    draw_device = generator.device if generator else "cpu"
+    if level_probabilities is None:
+        timesteps = torch.randint(0, num_levels, (batch,), generator=generator, device=draw_device)
+    else:
+        weights = _level_weights(level_probabilities, num_levels).to(draw_device)
+        timesteps = torch.multinomial(weights, batch, replacement=True, generator=generator)
     timesteps = timesteps.to(device)
     noise = randn_tensor(clean_samples.shape, generator=generator, device=device, dtype=torch.float32)
     positive, noisier = scheduler.training_pair(clean_samples.float(), timesteps, noise)
