@@ -82,11 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--initializer_norm_num_groups", type=cli_positive_int, help="Initializer group-norm groups.")
     model.add_argument("--num_noise_levels", type=cli_positive_int, default=6, help="T (paper: 6).")
     model.add_argument("--num_langevin_steps", type=cli_positive_int, default=8, help="K (paper: 15).")
+    model.add_argument(
+        "--langevin_step_size_scale", type=cli_positive_float, default=4e-4, help="c of s_t (App. A.2; paper: 4e-4)."
+    )
 
     optim = parser.add_argument_group("optimisation (App. A.2)")
     optim.add_argument("--train_batch_size", type=cli_positive_int, default=32, help="Batch size per device.")
     optim.add_argument("--num_epochs", type=cli_positive_int, default=20, help="Passes over the data.")
     optim.add_argument("--max_train_steps", type=cli_positive_int, help="Optimisation steps; overrides --num_epochs.")
+    optim.add_argument("--max_train_minutes", type=cli_positive_float, help="Also stop after this much training.")
     optim.add_argument("--gradient_accumulation_steps", type=cli_positive_int, default=1)
     optim.add_argument("--ebm_learning_rate", type=cli_positive_float, default=5e-4, help="EBM Adam (paper: 1e-4).")
     optim.add_argument("--initializer_learning_rate", type=cli_positive_float, default=1e-3, help="(paper: 1e-5).")
@@ -100,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--ema_max_decay", type=cli_fraction, default=0.9999, help="EMA decay of both networks.")
     optim.add_argument("--label_dropout", type=cli_fraction, default=0.1, help="Probability of the null label.")
     optim.add_argument("--initializer_target", choices=["refined", "data"], default="refined", help="Eq. 8 / G.2.")
+    optim.add_argument(
+        "--level_sampling_weights",
+        type=cli_non_negative_float,
+        nargs="+",
+        help="T weights of the pair draw (uniform).",
+    )
     optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
     optim.add_argument("--seed", type=cli_non_negative_int, default=0, help="Seeds weights, data order, noise.")
 
@@ -107,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     health.add_argument("--max_consecutive_nonfinite", type=cli_positive_int, default=5, help="Then roll back.")
     health.add_argument("--max_rollbacks", type=cli_non_negative_int, default=3, help="Then give up.")
     health.add_argument("--max_neg_energy_gap", type=cli_positive_float, default=50.0, help="Per-level |f_hat gap|.")
+    health.add_argument(
+        "--health_warmup_steps", type=cli_positive_int, default=1000, help="Growth tests start after these steps."
+    )
 
     output = parser.add_argument_group("checkpoints, logging and output")
     output.add_argument("--output_dir", type=str, help="Default: outputs/cdrl-<data>, e.g. outputs/cdrl-shapes.")
@@ -137,6 +150,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sources = [flag for flag in ("dataset_name", "train_data_dir", "embedded_dataset") if getattr(args, flag)]
     if len(sources) > 1:
         parser.error(f"pass at most one data source, got {', '.join('--' + flag for flag in sources)}")
+    weights = args.level_sampling_weights
+    if weights is not None and (len(weights) != args.num_noise_levels or sum(weights) <= 0):
+        parser.error(
+            f"--level_sampling_weights: expected {args.num_noise_levels} weights with a positive sum, got {weights}"
+        )
     if args.eval_num_samples < 2:
         parser.error(f"argument --eval_num_samples: expected at least 2, got {args.eval_num_samples}")
     if args.keep_best_metric is not None and args.eval_steps is None:
@@ -205,6 +223,10 @@ def run_facts(args, accelerator, progress, dataset, channels, conditioning, star
         "Gradient clipping": f"{args.max_grad_norm} per network",
         "EMA decay": args.ema_max_decay,
         "Langevin steps K": args.num_langevin_steps,
+        "Langevin step size scale c": args.langevin_step_size_scale,
+        "Pair sampling weights": "uniform (Algorithm 1)"
+        if args.level_sampling_weights is None
+        else ", ".join(f"{weight:g}" for weight in args.level_sampling_weights),
         "Initializer target": "refined samples (Eq. 8)" if args.initializer_target == "refined" else "data (App. G.2)",
         "Mixed precision": accelerator.mixed_precision,
         "Seed": args.seed,
@@ -287,7 +309,11 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
         energy_overrides,
         initializer_overrides,
     )
-    scheduler = CDRLScheduler(num_noise_levels=args.num_noise_levels, num_langevin_steps=args.num_langevin_steps)
+    scheduler = CDRLScheduler(
+        num_noise_levels=args.num_noise_levels,
+        num_langevin_steps=args.num_langevin_steps,
+        langevin_step_size_scale=args.langevin_step_size_scale,
+    )
     emas = {
         name: training.create_ema_model(model, args.ema_max_decay)
         for name, model in zip(NAMES, (energy_model, initializer))
@@ -330,7 +356,11 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
     seed = training.training_seed(args.seed, accelerator.process_index)  # fresh noise per process
     generator = torch.Generator(accelerator.device).manual_seed(seed)
     progress = training.TrainingProgress()
-    monitor = training.TrainingHealthMonitor(args.num_noise_levels, max_neg_energy_gap=args.max_neg_energy_gap)
+    # The growth tests compare with the smallest level seen after `--health_warmup_steps`: before that, the chains'
+    # moves (and the initializer loss) grow as the EBM learns, which is health, not divergence.
+    monitor = training.TrainingHealthMonitor(
+        args.num_noise_levels, max_neg_energy_gap=args.max_neg_energy_gap, warmup_updates=args.health_warmup_steps
+    )
     training.register_checkpoint_hooks(accelerator, networks, emas, generator)
     accelerator.register_for_checkpointing(lr_scheduler, progress, monitor)
     roll_back = training.RollBack(
@@ -388,10 +418,17 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
     metrics = training.StepMetrics(args.num_noise_levels, accelerator.device)
     rng_devices = [] if accelerator.device.type == "cpu" else [accelerator.device]
     bar = tqdm(total=max_train_steps, initial=progress.global_step, disable=not accelerator.is_local_main_process)
-    update_is_finite = True
+    update_is_finite, finished = True, False
+    deadline = None if args.max_train_minutes is None else time.time() + 60 * args.max_train_minutes
+
+    def past_deadline() -> bool:
+        """Whether the time budget is spent, agreed by all processes (the main process's clock decides)."""
+        late = torch.tensor(float(deadline is not None and time.time() > deadline), device=accelerator.device)
+        return deadline is not None and bool(accelerator.reduce(late, reduction="max").item())
+
     energy_model.train()
     initializer.train()
-    while progress.global_step < max_train_steps:
+    while progress.global_step < max_train_steps and not finished:
         # The rest of the current epoch in its seeded order (skipping what a resumed run already saw).
         if progress.batches_in_epoch >= len(train_dataloader):
             progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
@@ -411,6 +448,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
                         generator=generator,
                         label_dropout=args.label_dropout,
                         initializer_target=args.initializer_target,
+                        level_probabilities=args.level_sampling_weights,
                     )
                 if training.losses_are_finite(accelerator, output.ebm_loss, output.initializer_loss):
                     accelerator.backward(output.ebm_loss + output.initializer_loss)
@@ -428,6 +466,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
             progress.global_step += 1
             bar.update(1)
             step = progress.global_step
+            finished = step >= max_train_steps or past_deadline()
             logs, level_metrics = metrics.reduce(accelerator)
             stepped, overflow = update_is_finite and result.stepped, update_is_finite and result.overflow
             diverged = roll_back.record(finite=stepped or overflow)
@@ -456,9 +495,9 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
 
             # Held-out evaluation (first, so a checkpoint of this step records its best), checkpoint, sample grid,
             # export. Sampling runs on the main process under a forked RNG: resuming stays exact.
-            evaluate_now = args.eval_steps is not None and (step % args.eval_steps == 0 or step >= max_train_steps)
+            evaluate_now = args.eval_steps is not None and (step % args.eval_steps == 0 or finished)
             export_now = args.save_model_steps is not None and step % args.save_model_steps == 0
-            sample_now = (step % args.save_images_steps == 0 or export_now) and step < max_train_steps
+            sample_now = (step % args.save_images_steps == 0 or export_now) and not finished
             if accelerator.is_main_process and (evaluate_now or sample_now):
                 with torch.random.fork_rng(devices=rng_devices, device_type=accelerator.device.type):
                     pipeline = training.ema_pipeline(*networks.values(), *emas.values(), scheduler)
@@ -482,7 +521,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
                 update_is_finite = True
                 break  # continue from the checkpoint's data position
             update_is_finite = True
-            if step >= max_train_steps:
+            if finished:
                 break
 
     # 6. Export the EMA pipeline with its sample grid and model card, and upload it.
