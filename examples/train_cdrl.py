@@ -105,6 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--label_dropout", type=cli_fraction, default=0.1, help="Probability of the null label.")
     optim.add_argument("--initializer_target", choices=["refined", "data"], default="refined", help="Eq. 8 / G.2.")
     optim.add_argument(
+        "--langevin_noise_control",
+        action="store_true",
+        help="Subtract the chains' injected noise from Eq. 8's target.",
+    )
+    optim.add_argument(
         "--level_sampling_weights",
         type=cli_non_negative_float,
         nargs="+",
@@ -449,6 +454,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
                         label_dropout=args.label_dropout,
                         initializer_target=args.initializer_target,
                         level_probabilities=args.level_sampling_weights,
+                        langevin_noise_control=args.langevin_noise_control,
                     )
                 if training.losses_are_finite(accelerator, output.ebm_loss, output.initializer_loss):
                     accelerator.backward(output.ebm_loss + output.initializer_loss)

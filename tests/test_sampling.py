@@ -41,6 +41,32 @@ def test_langevin_refine_is_k_steps_of_equation_5():
     assert langevin_refine(energy, scheduler, y, noisier, 1, terms(), 0) is y  # K' = 0: the proposal itself
 
 
+def test_langevin_refine_returns_the_noise_it_injected():
+    scheduler = CDRLScheduler(num_noise_levels=3, num_langevin_steps=4)
+    energy, _ = models()
+    y, noisier = torch.randn(3, 4), torch.randn(3, 4)
+    generator = torch.Generator().manual_seed(0)
+    noises = [torch.randn(3, 4, generator=generator) for _ in range(3)]
+    with frozen(energy):
+        got, injected = langevin_refine(
+            energy,
+            scheduler,
+            y,
+            noisier,
+            2,
+            terms(),
+            num_langevin_steps=3,
+            generator=torch.Generator().manual_seed(0),
+            return_injected_noise=True,
+        )
+    torch.testing.assert_close(got, by_hand(scheduler, energy, y, noisier, 2, noises, 3))
+    step_size = (scheduler.langevin_scale(3) * scheduler.langevin_step_size[2] ** 2).sqrt()
+    torch.testing.assert_close(injected, step_size * sum(noises))
+    with frozen(energy):
+        _, none_injected = langevin_refine(energy, scheduler, y, noisier, 2, terms(), 0, return_injected_noise=True)
+    assert torch.equal(none_injected, torch.zeros_like(y))
+
+
 def test_projection_runs_after_every_step():
     scheduler = CDRLScheduler(num_noise_levels=3, num_langevin_steps=3)
     energy, _ = models()

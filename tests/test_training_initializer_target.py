@@ -9,13 +9,19 @@ from conftest import QuadraticEnergy, ShiftInitializer
 from cdrl_diffusers import CDRLScheduler, cdrl_training_step
 
 
-def step(initializer_target: str):
+def step(initializer_target: str, langevin_noise_control: bool = False):
     energy, initializer = QuadraticEnergy(data_dim=3, curvature=4.0), ShiftInitializer(data_dim=3)
     scheduler = CDRLScheduler(num_langevin_steps=2)
     clean = torch.rand(6, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
     generator = torch.Generator().manual_seed(0)
     output = cdrl_training_step(
-        energy, initializer, scheduler, clean, generator=generator, initializer_target=initializer_target
+        energy,
+        initializer,
+        scheduler,
+        clean,
+        generator=generator,
+        initializer_target=initializer_target,
+        langevin_noise_control=langevin_noise_control,
     )
     return output, initializer, scheduler, clean
 
@@ -37,6 +43,31 @@ def test_data_target_regresses_the_initializer_on_the_noisy_data():
 
     data.initializer_loss.backward()
     assert initializer.shifts.grad is not None and initializer.shifts.grad.abs().sum() > 0
+
+
+def test_langevin_noise_control_removes_the_chains_noise_from_the_refined_target():
+    controlled, initializer, scheduler, clean = step("refined", langevin_noise_control=True)
+    plain, _, _, _ = step("refined")
+    assert torch.equal(controlled.ebm_loss, plain.ebm_loss)  # the negatives keep their noise
+
+    # Replay the draws: the proposal, then K = 2 Langevin steps of Eq. 5 on f_hat = -2 ||y - m||^2 written out.
+    replay = torch.Generator().manual_seed(0)
+    timesteps = torch.randint(0, scheduler.num_noise_levels, (6,), generator=replay)
+    _, noisier = scheduler.training_pair(clean, timesteps, torch.randn(6, 3, generator=replay))
+    mean = initializer(noisier, scheduler.initializer_logsnr(timesteps)).sample.detach()
+    proposal = scheduler.initializer_proposal(mean, timesteps, torch.randn(6, 3, generator=replay))
+    step_size_squared = (scheduler.langevin_step_size[timesteps] ** 2)[:, None]
+    recovery = (step_size_squared * scheduler.recovery_precision[timesteps][:, None] / 2).float()
+    y, noise_sum = proposal, torch.zeros_like(proposal)
+    for _ in range(2):
+        noise = step_size_squared.sqrt() * torch.randn(6, 3, generator=replay)
+        grad = -4.0 * (y - torch.tensor([0.0, 0.1, 0.2]))  # the mean of the null class: arange(3) / 10
+        y = y + 0.5 * grad - recovery * (y - noisier) + noise
+        noise_sum = noise_sum + noise
+    displacement = y - proposal
+    assert plain.initializer_loss.item() == pytest.approx(displacement.pow(2).sum(1).mean().item(), rel=1e-4)
+    expected = (displacement - noise_sum).pow(2).sum(1).mean()
+    assert controlled.initializer_loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_unknown_initializer_target_is_refused():

@@ -102,17 +102,21 @@ def langevin_refine(
     generator: Generator = None,
     project: Projection | None = None,
     gradient: EnergyGradient | None = None,
-) -> torch.Tensor:
+    return_injected_noise: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """K' Langevin steps (Eq. 5) on the conditional EBM of pair t, starting from ``sample`` = y_t.
 
     Run inside ``frozen(energy_model)``. ``timestep`` is an int or one pair index per example (the training step
     mixes levels in a batch). ``num_langevin_steps=None`` uses the trained K; other values apply the sampling
     adjustment of Sec. 4.2, and 0 returns ``sample`` unchanged. ``gradient`` replaces ``energy_gradient`` (e.g. a
     CUDA graph of it, see ``acceleration``). ``project`` (inpainting) is applied after every step.
+    ``return_injected_noise=True`` also returns the sum of the noise terms s_t eps_k the chain added (the training
+    step's control variate of the initializer's target).
     """
     steps = scheduler.config.num_langevin_steps if num_langevin_steps is None else num_langevin_steps
+    injected = torch.zeros_like(sample, dtype=torch.float32)
     if steps == 0:
-        return sample
+        return (sample, injected) if return_injected_noise else sample
     logsnr = scheduler.energy_logsnr(timestep, device=sample.device)
     if gradient is None:
         gradient = level_gradient(energy_model, logsnr, terms, sample.shape[0])
@@ -123,7 +127,9 @@ def langevin_refine(
         sample = coefficients.step(sample, gradient(sample, logsnr), noisier, noise)
         if project is not None:
             sample = project(sample, timestep)
-    return sample
+        if return_injected_noise:
+            injected += coefficients.noise_scale * noise
+    return (sample, injected) if return_injected_noise else sample
 
 
 @dataclass

@@ -123,6 +123,7 @@ def cdrl_training_step(
     precision: str | None = None,
     initializer_target: str = "refined",
     level_probabilities: torch.Tensor | list[float] | None = None,
+    langevin_noise_control: bool = False,
 ) -> CDRLTrainingOutput:
     r"""Losses of one CDRL iteration (Algorithm 1) on a batch of clean data in [-1, 1].
 
@@ -153,6 +154,10 @@ def cdrl_training_step(
         level_probabilities: T non-negative weights, normalised to the probabilities of drawing each pair t
             (``None``: uniform, as in Algorithm 1). Each example's loss is unchanged, so a pair drawn twice as often
             gets twice the weight and half the gradient variance in the EBM and the initializer objectives.
+        langevin_noise_control: subtract the noise the Langevin chain injected, sum_k s_t eps_k, from the refined
+            target of Eq. 8. Those terms have mean zero given everything the initializer sees, so the expected
+            gradient of the initializer is unchanged; only its variance falls (a control variate). Without it, at
+            small step sizes the K noise terms dominate y_tilde - y_hat and the initializer mostly random-walks.
 
     For tight memory, ``energy_model.enable_gradient_checkpointing()`` stops the positive and negative passes of the
     EBM loss from holding their activations until the backward pass (docs/performance.md gives the cost).
@@ -208,8 +213,15 @@ def cdrl_training_step(
             energy_weights = ConditionWeights.conditional(energy_labels)
         terms = energy_weights.stack(energy_null, batch, device)
         with frozen(sampling_energy_model):
-            refined = langevin_refine(
-                sampling_energy_model, scheduler, proposal.detach(), noisier, timesteps, terms, generator=generator
+            refined, injected_noise = langevin_refine(
+                sampling_energy_model,
+                scheduler,
+                proposal.detach(),
+                noisier,
+                timesteps,
+                terms,
+                generator=generator,
+                return_injected_noise=True,
             )
 
         energy_logsnr = scheduler.energy_logsnr(timesteps)
@@ -221,7 +233,10 @@ def cdrl_training_step(
     neg_energy_positive, neg_energy_negative = neg_energy.chunk(2)
     loss_weight = scheduler.loss_weight.to(device)[timesteps]
     ebm_losses = loss_weight * (neg_energy_negative - neg_energy_positive)
-    target = refined.detach() if initializer_target == "refined" else positive
+    if initializer_target == "data":
+        target = positive
+    else:
+        target = refined.detach() - injected_noise if langevin_noise_control else refined.detach()
     initializer_losses = (target - proposal).pow(2).flatten(1).sum(dim=1)
 
     level_values = {
