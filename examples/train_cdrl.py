@@ -104,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--ema_max_decay", type=cli_fraction, default=0.9999, help="EMA decay of both networks.")
     optim.add_argument("--label_dropout", type=cli_fraction, default=0.1, help="Probability of the null label.")
     optim.add_argument("--initializer_target", choices=["refined", "data"], default="refined", help="Eq. 8 / G.2.")
+    optim.add_argument("--data_target_from_step", type=cli_non_negative_int, help="Then regress on the data (G.2).")
     optim.add_argument(
         "--langevin_noise_control",
         action="store_true",
@@ -202,6 +203,20 @@ def network_overrides(args: argparse.Namespace) -> tuple[dict, dict]:
     return tuple(given)
 
 
+def initializer_target_at(args: argparse.Namespace, step: int) -> str:
+    """The initializer's regression target at optimisation step ``step`` (0-based): ``--initializer_target``, then
+    the data from ``--data_target_from_step`` on."""
+    switch = args.data_target_from_step
+    return "data" if switch is not None and step >= switch else args.initializer_target
+
+
+def initializer_target_description(args: argparse.Namespace) -> str:
+    names = {"refined": "refined samples (Eq. 8)", "data": "data (App. G.2)"}
+    if args.data_target_from_step is None or args.initializer_target == "data":
+        return names[args.initializer_target]
+    return f"{names[args.initializer_target]} for {args.data_target_from_step} steps, then {names['data']}"
+
+
 def launched_on_cpus_only() -> bool:
     """Several processes (torchrun, accelerate launch) and no accelerator: Accelerate then needs ``cpu=True`` to
     set up a gloo process group (MULTI_CPU) instead of running each process on its own."""
@@ -232,7 +247,7 @@ def run_facts(args, accelerator, progress, dataset, channels, conditioning, star
         "Pair sampling weights": "uniform (Algorithm 1)"
         if args.level_sampling_weights is None
         else ", ".join(f"{weight:g}" for weight in args.level_sampling_weights),
-        "Initializer target": "refined samples (Eq. 8)" if args.initializer_target == "refined" else "data (App. G.2)",
+        "Initializer target": initializer_target_description(args),
         "Mixed precision": accelerator.mixed_precision,
         "Seed": args.seed,
         "Skipped non-finite steps": progress.nonfinite_steps,
@@ -452,7 +467,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
                         class_labels=class_labels,
                         generator=generator,
                         label_dropout=args.label_dropout,
-                        initializer_target=args.initializer_target,
+                        initializer_target=initializer_target_at(args, progress.global_step),
                         level_probabilities=args.level_sampling_weights,
                         langevin_noise_control=args.langevin_noise_control,
                     )
@@ -473,6 +488,9 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
             bar.update(1)
             step = progress.global_step
             finished = step >= max_train_steps or past_deadline()
+            if step - 1 == args.data_target_from_step and args.initializer_target != "data":
+                # This update's losses are the first with the data target: its loss has a new healthy level.
+                monitor.forget("initializer_loss")
             logs, level_metrics = metrics.reduce(accelerator)
             stepped, overflow = update_is_finite and result.stepped, update_is_finite and result.overflow
             diverged = roll_back.record(finite=stepped or overflow)

@@ -75,6 +75,25 @@ def test_rising_initializer_loss_trips():
             monitor.update(step, metrics, {})
 
 
+def test_forget_restarts_a_statistic_whose_objective_changed():
+    monitor = TrainingHealthMonitor(NUM_LEVELS, warmup_updates=10)
+    metrics = {"neg_energy_gap": torch.zeros(NUM_LEVELS), "initializer_loss": torch.ones(NUM_LEVELS)}
+    for step in range(1, 600):
+        monitor.update(step, metrics, {})
+    monitor.forget("initializer_loss")  # e.g. a new regression target, with losses 100 times larger
+    assert "initializer_loss/level_0" not in monitor.summary() and "neg_energy_gap/level_0" in monitor.summary()
+    metrics["initializer_loss"] = torch.full((NUM_LEVELS,), 100.0)
+    for step in range(600, 700):
+        monitor.update(step, metrics, {})
+    assert monitor.summary()["initializer_loss/level_2"] == pytest.approx(100.0)
+    metrics["initializer_loss"][2] = 1e4  # and growth from the new level still trips
+    with pytest.raises(DivergenceError, match=r"initializer loss .* level 2"):
+        for step in range(700, 800):
+            monitor.update(step, metrics, {})
+    with pytest.raises(ValueError, match="statistic"):
+        monitor.forget("loss")
+
+
 def test_state_dict_round_trip_resumes_exactly():
     first = TrainingHealthMonitor(NUM_LEVELS, gap_growth=8.0)
     run(first, range(1, 800))

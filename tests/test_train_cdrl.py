@@ -324,6 +324,16 @@ def test_time_budget_pair_weights_and_step_size_reach_the_run_and_its_export(tmp
     assert scalars(output_dir, "level_2/ebm_loss") and not scalars(output_dir, "level_0/ebm_loss")
 
 
+def test_data_target_from_step_switches_the_initializer_target(tmp_path):
+    output_dir = tmp_path / "out"
+    train(tmp_path, output_dir, "--max_train_steps=4", "--data_target_from_step=2", "--langevin_noise_control")
+    card = (output_dir / "README.md").read_text()
+    assert "Initializer target | refined samples (Eq. 8) for 2 steps, then data (App. G.2)" in card
+    losses = scalars(output_dir, "train/initializer_loss")
+    # The data target y_t^+ is much further from the proposal than the refined sample, without the chain's noise.
+    assert sorted(losses) == [1, 2, 3, 4] and min(losses[3], losses[4]) > 10 * max(losses[1], losses[2])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Flags: range-checked by argparse before anything is loaded
 # --------------------------------------------------------------------------------------------------------------------

@@ -128,6 +128,17 @@ class TrainingHealthMonitor:
             baseline[index] = min(baseline[index], slow[index])
         return fast[index]
 
+    def forget(self, statistic: str) -> None:
+        """Drop the averages and baselines of ``statistic`` (``"neg_energy_gap"``, ``"initializer_loss"`` or
+        ``"grad_norm"``), e.g. when the training objective behind it changes; they restart from the next update."""
+        if statistic not in ("neg_energy_gap", "initializer_loss", "grad_norm"):
+            raise ValueError(
+                f"`statistic` must be 'neg_energy_gap', 'initializer_loss' or 'grad_norm', got {statistic!r}."
+            )
+        for store in (self._fast, self._slow, self._baseline):
+            for key in [key for key in store if key == statistic or key.startswith(f"{statistic}/")]:
+                del store[key]
+
     @staticmethod
     def _fail(step: int, where: str, statistic: str, value: float, limit: float) -> None:
         raise DivergenceError(
