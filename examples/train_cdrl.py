@@ -50,6 +50,11 @@ logger = get_logger(__name__, log_level="INFO")
 NAMES = ("energy_model", "initializer")
 
 
+def step_or_none(text: str) -> int | None:
+    """A step number, or ``none``."""
+    return None if text.strip().lower() == "none" else cli_non_negative_int(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a CDRL energy-based model with Accelerate.")
     data = parser.add_argument_group("data")
@@ -88,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     optim = parser.add_argument_group("optimisation (App. A.2)")
     optim.add_argument("--train_batch_size", type=cli_positive_int, default=32, help="Batch size per device.")
-    optim.add_argument("--num_epochs", type=cli_positive_int, default=20, help="Passes over the data.")
+    optim.add_argument("--num_epochs", type=cli_positive_int, default=6, help="Passes over the data.")
     optim.add_argument("--max_train_steps", type=cli_positive_int, help="Optimisation steps; overrides --num_epochs.")
     optim.add_argument("--max_train_minutes", type=cli_positive_float, help="Also stop after this much training.")
     optim.add_argument("--gradient_accumulation_steps", type=cli_positive_int, default=1)
@@ -104,11 +109,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--ema_max_decay", type=cli_fraction, default=0.9999, help="EMA decay of both networks.")
     optim.add_argument("--label_dropout", type=cli_fraction, default=0.1, help="Probability of the null label.")
     optim.add_argument("--initializer_target", choices=["refined", "data"], default="refined", help="Eq. 8 / G.2.")
-    optim.add_argument("--data_target_from_step", type=cli_non_negative_int, help="Then regress on the data (G.2).")
+    optim.add_argument(
+        "--data_target_from_step", type=step_or_none, default=250, help="Then regress on the data (G.2); 'none'."
+    )
     optim.add_argument(
         "--langevin_noise_control",
-        action="store_true",
-        help="Subtract the chains' injected noise from Eq. 8's target.",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Subtract the chains' injected noise from Eq. 8's target (same expected gradient, less variance).",
     )
     optim.add_argument(
         "--level_sampling_weights",
@@ -248,6 +256,7 @@ def run_facts(args, accelerator, progress, dataset, channels, conditioning, star
         if args.level_sampling_weights is None
         else ", ".join(f"{weight:g}" for weight in args.level_sampling_weights),
         "Initializer target": initializer_target_description(args),
+        "Langevin noise control of the target": "on" if args.langevin_noise_control else "off",
         "Mixed precision": accelerator.mixed_precision,
         "Seed": args.seed,
         "Skipped non-finite steps": progress.nonfinite_steps,

@@ -14,7 +14,9 @@ from ..models import EnergyModel, InitializerUNet
 # the defaults of EnergyModel and InitializerUNet.
 MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
-        "energy_model": {"block_out_channels": (32, 64), "layers_per_block": 1, "embedding_dim": 64},
+        # Three resolutions (16, 8, 4 at 16x16): the spatial sum of the readout then pools features that see the
+        # whole image. With two, f_hat was a sum of local patch scores and could not tell a shape from a blob.
+        "energy_model": {"block_out_channels": (32, 64, 128), "layers_per_block": 1, "embedding_dim": 64},
         "initializer": {
             "block_out_channels": (32, 64),
             "layers_per_block": 1,

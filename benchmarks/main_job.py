@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""The default main job as a new user runs it, timed and scored: `accelerate launch examples/train_cdrl.py`.
+
+    python benchmarks/main_job.py                  # trains outputs/cdrl-shapes (no flags), then scores it
+    python benchmarks/main_job.py --skip_training  # scores the pipeline already in outputs/cdrl-shapes
+
+The script launches the training exactly as the README does (no flags: the embedded coloured shapes, 16x16,
+unconditional) and records its wall-clock time. It then draws unconditional samples from the exported pipeline and
+reads each with the attribute detector of ``benchmarks/downstream.py``. That detector needs no learning and follows the
+documented rendering of ``cdrl_diffusers.data.shapes``. The scores:
+
+- clean: the fraction of samples that show one clean, detectable shape in one of the dataset's colours (real images:
+  100 %);
+- pairs: how many of the 9 (shape, colour) pairs appear, and how often each does (the dataset draws them uniformly);
+- OOD: the AUROC of the level-0 ``log_density`` of held-out shapes against shifted copies of them (``shift_images``).
+
+It writes docs/results/main_job.json and docs/figures/main_job_samples.png (samples beside training images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.utils import make_image_grid
+from downstream import as_array, detect_batch, to_model_input
+
+from cdrl_diffusers import CDRLPipeline
+from cdrl_diffusers.data import COLORS, SHAPES, load_shapes_dataset
+from cdrl_diffusers.evaluation import ood_auroc, shift_images
+from cdrl_diffusers.validation import cli_positive_int
+
+ROOT = Path(__file__).resolve().parents[1]
+OOD_SETS = ("uniform", "shuffled", "inverted", "rotated", "periodic")
+
+
+def train(output_dir: Path) -> float:
+    """`accelerate launch examples/train_cdrl.py` (the README's command, plus the output folder): its seconds."""
+    command = ["accelerate", "launch", "examples/train_cdrl.py", "--output_dir", str(output_dir)]
+    print("Training:", shlex.join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT)
+    return time.perf_counter() - start
+
+
+def score_samples(images: np.ndarray) -> dict:
+    """Clean-shape fraction and (shape, colour) pair counts of (N, H, W, 3) images in [0, 1]."""
+    found = detect_batch(images)
+    clean = [pair for pair in found if pair[0] is not None]
+    counts = collections.Counter(clean)
+    pairs = {f"{shape}/{colour}": counts.get((shape, colour), 0) for shape in SHAPES for colour in COLORS}
+    return {
+        "clean": len(clean) / len(found),
+        "pairs_present": sum(count > 0 for count in pairs.values()),
+        "pair_counts": pairs,
+        "num_samples": len(found),
+    }
+
+
+def save_figure(samples: np.ndarray, real: np.ndarray, path: Path, columns: int = 8, upscale: int = 4) -> None:
+    """Samples (left) beside training images (right), 8 x 8 each."""
+    count = columns * columns
+    panels = []
+    for images in (samples[:count], real[:count]):
+        pil = [PIL.Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
+        panels.append(np.asarray(make_image_grid(pil, rows=columns, cols=columns)))
+    gap = np.full((panels[0].shape[0], 4, 3), 128, dtype=np.uint8)
+    canvas = PIL.Image.fromarray(np.concatenate([panels[0], gap, panels[1]], axis=1))
+    canvas.resize((canvas.width * upscale, canvas.height * upscale), PIL.Image.Resampling.NEAREST).save(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "cdrl-shapes")
+    parser.add_argument("--skip_training", action="store_true", help="Score the pipeline in --output_dir.")
+    parser.add_argument("--num_samples", type=cli_positive_int, default=576, help="Unconditional samples to score.")
+    parser.add_argument("--num_ood_images", type=cli_positive_int, default=512, help="Held-out shapes for OOD.")
+    parser.add_argument("--threads", type=cli_positive_int, default=1, help="CPU threads for scoring.")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "main_job.json")
+    parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "main_job_samples.png")
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def main(args: argparse.Namespace) -> dict:
+    training_seconds = None if args.skip_training else train(args.output_dir)
+    torch.set_num_threads(args.threads)
+    pipeline = CDRLPipeline.from_pretrained(args.output_dir)
+    pipeline.set_progress_bar_config(disable=True)
+
+    start = time.perf_counter()
+    samples = pipeline(
+        batch_size=args.num_samples, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
+    sampling_seconds = time.perf_counter() - start
+    scores = score_samples(samples)
+    # Held-out shapes: a seed the training set (seed 0) does not use.
+    held_out = load_shapes_dataset(num_samples=args.num_ood_images, seed=1)
+    real = as_array(held_out["image"])
+    real_scores = score_samples(real)
+    images = to_model_input(real)
+    generator = torch.Generator().manual_seed(0)
+    in_scores = pipeline.log_density(images)
+    ood = {
+        shift: ood_auroc(in_scores, pipeline.log_density(shift_images(images, shift, generator))) for shift in OOD_SETS
+    }
+    print(f"samples: clean {scores['clean']:.3f}, pairs {scores['pairs_present']}/9 {scores['pair_counts']}")
+    print(f"real held-out shapes: clean {real_scores['clean']:.3f}, pairs {real_scores['pairs_present']}/9")
+    print("OOD AUROC:", {name: round(value, 3) for name, value in ood.items()})
+
+    results = {
+        "description": "The default main job (accelerate launch examples/train_cdrl.py), timed and scored.",
+        "command": shlex.join(["python", "benchmarks/main_job.py", *sys.argv[1:]]),
+        "training_command": "accelerate launch examples/train_cdrl.py",
+        "training_seconds": training_seconds,
+        "model_card_facts": {
+            line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in (args.output_dir / "README.md").read_text().splitlines()
+            if line.startswith("| ")
+            and line.count("|") == 3
+            and "---" not in line
+            and "!" not in line
+            and ":" not in line.split("|")[1]
+        },
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "samples": scores,
+        "sampling_seconds_per_image": sampling_seconds / args.num_samples,
+        "real_held_out": real_scores,
+        "ood_auroc": ood,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    args.figure.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(samples, real, args.figure)
+    print(f"Wrote {args.results} and {args.figure}")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())
