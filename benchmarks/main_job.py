@@ -132,6 +132,7 @@ def main(args: argparse.Namespace) -> dict:
             and "---" not in line
             and "!" not in line
             and ":" not in line.split("|")[1]
+            and line.split("|")[1].strip()
         },
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
