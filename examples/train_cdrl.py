@@ -452,8 +452,10 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
 
     def past_deadline() -> bool:
         """Whether the time budget is spent, agreed by all processes (the main process's clock decides)."""
-        late = torch.tensor(float(deadline is not None and time.time() > deadline), device=accelerator.device)
-        return deadline is not None and bool(accelerator.reduce(late, reduction="max").item())
+        if deadline is None:
+            return False
+        late = torch.tensor(float(time.time() > deadline), device=accelerator.device)
+        return bool(accelerator.reduce(late, reduction="max").item())
 
     energy_model.train()
     initializer.train()

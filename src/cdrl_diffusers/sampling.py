@@ -114,7 +114,7 @@ def langevin_refine(
     step's control variate of the initializer's target).
     """
     steps = scheduler.config.num_langevin_steps if num_langevin_steps is None else num_langevin_steps
-    injected = torch.zeros_like(sample, dtype=torch.float32)
+    injected = torch.zeros_like(sample, dtype=torch.float32) if return_injected_noise else None
     if steps == 0:
         return (sample, injected) if return_injected_noise else sample
     logsnr = scheduler.energy_logsnr(timestep, device=sample.device)
