@@ -28,7 +28,9 @@ then as long for the baseline's):
 It writes docs/results/digits_guidance.json (a ``cdrl`` and a ``diffusion_baseline`` section), docs/figures/
 digits_guidance.png and docs/figures/digits_guidance_samples.png; the trained pipeline stays in outputs/digits_cdrl
 for benchmarks/sampling_steps.py. ``--skip_training`` reuses it (the baseline's budget then needs
-``--baseline_minutes``); ``--skip_baseline`` leaves the baseline out. A smoke run of every stage (a minute or two):
+``--baseline_minutes``); ``--skip_baseline`` leaves the baseline out, and ``--reuse_baseline FILE`` copies its numbers
+from an earlier results file instead of training it again (its samples are then missing from the figure). A smoke
+run of every stage (a minute or two):
 ``--train_steps 3 --samples_per_class 2 --baseline_minutes 0.1`` with ``--results``, ``--figures`` and
 ``--model_dir`` pointing outside docs/ and outputs/.
 """
@@ -92,7 +94,8 @@ TRAINING_FLAGS = {
     "--train_batch_size": "32",
     "--max_train_minutes": "28",
     "--max_train_steps": "100000",
-    "--data_target_from_step": "500",
+    "--initializer_target": "data",
+    "--frozen_initializer_share": "0.25",
     "--ebm_learning_rate": "5e-4",
     "--initializer_learning_rate": "1e-3",
     "--lr_warmup_steps": "200",
@@ -415,6 +418,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="The baseline's training budget (default: CDRL's measured training time; needed with --skip_training).",
     )
+    parser.add_argument(
+        "--reuse_baseline",
+        type=Path,
+        help="Copy the baseline's section from an earlier results file (it does not depend on CDRL's recipe).",
+    )
     parser.add_argument("--baseline_ddim_steps", type=cli_positive_int, default=50, help="DDIM steps per sample.")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "results" / "digits_guidance.json")
     parser.add_argument("--figures", type=Path, default=REPO / "docs" / "figures")
@@ -428,7 +436,14 @@ def check_args(args: argparse.Namespace) -> None:
             f"`--samples_per_class` must be at least 2 (diversity is measured within a class), "
             f"got {args.samples_per_class}."
         )
-    if args.skip_training and not args.skip_baseline and args.baseline_minutes is None:
+    if args.reuse_baseline is not None:
+        if args.skip_baseline:
+            raise ValueError("`--reuse_baseline` and `--skip_baseline` exclude each other.")
+        if not args.reuse_baseline.is_file():
+            raise ValueError(f"`--reuse_baseline`: {args.reuse_baseline} is not a results file.")
+        if json.loads(args.reuse_baseline.read_text()).get("diffusion_baseline") is None:
+            raise ValueError(f"`--reuse_baseline`: {args.reuse_baseline} has no diffusion_baseline section.")
+    elif args.skip_training and not args.skip_baseline and args.baseline_minutes is None:
         raise ValueError(
             "`--baseline_minutes` is needed with `--skip_training`: the baseline's budget defaults to CDRL's "
             "training time, which this run does not measure (or pass `--skip_baseline`)."
@@ -510,7 +525,10 @@ def main(args: argparse.Namespace) -> dict:
         "ood": ood_scores(pipeline, held_out[0], trained_on[0]),
     }
     baseline = None
-    if not args.skip_baseline:
+    if args.reuse_baseline is not None:  # its samples are not in this run's figure
+        baseline = json.loads(args.reuse_baseline.read_text())["diffusion_baseline"]
+        baseline["reused_from"] = baseline.get("reused_from", args.reuse_baseline.name)
+    elif not args.skip_baseline:
         budget = training_seconds if args.baseline_minutes is None else 60 * args.baseline_minutes
         baseline, baseline_rows = run_baseline(args, budget, trained_on, classifier, labels, splits.reference)
         rows.update(baseline_rows)

@@ -32,7 +32,7 @@ from diffusers.utils import make_image_grid
 from scipy import ndimage
 
 from cdrl_diffusers import CDRLComposePipeline, CDRLInpaintPipeline
-from cdrl_diffusers.data import COLORS, SHAPES, load_digits_dataset, load_shapes_dataset
+from cdrl_diffusers.data import COLORS, SHAPES, load_digits_dataset, load_shapes_dataset, shape_mask
 from cdrl_diffusers.evaluation import OOD_SHIFTS, ood_auroc, shift_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,16 +42,35 @@ METHODS = {"eq14": "Eq. 14", "poe": "product of experts"}
 
 # Pixel-based attribute detector (see the rendering rules in cdrl_diffusers/data/shapes.py): the background is
 # black and every colour has a channel >= 200, so a pixel is foreground when its brightest channel exceeds half of
-# that. The shape is read from the largest 8-connected foreground component: the fraction of its bounding box that
-# it fills is 1 for squares, 0.78-0.81 for circles and 0.52-0.57 for triangles; the colour is the nearest of COLORS
-# to its mean pixel. An image counts as showing a shape only if the component is large enough, little foreground
-# lies outside it and its mean colour is close to one of COLORS (real images pass with zero stray pixels and zero
-# colour distance).
+# that. The shape is read from the largest 8-connected foreground component, by its best match among exactly
+# rendered templates: every shape, every box side from SIDES (the dataset uses 8 and 12 px; in-between sizes count)
+# and every position. An image counts as showing a clean shape only if that match has an intersection over union
+# of at least MIN_TEMPLATE_IOU (a 12 px square missing one corner pixel scores 0.99; half the blobs of the 768-step CPU
+# model score 0.67-0.78), little
+# foreground lies outside the component and its mean colour is close to one of COLORS. Real images match their
+# template exactly, with no stray pixels and zero colour distance.
 FOREGROUND_THRESHOLD = 100.0
 MIN_FOREGROUND_PIXELS = 12
 MAX_STRAY_FRACTION = 0.25
 MAX_COLOUR_DISTANCE = 80.0
-FILL_SQUARE, FILL_CIRCLE = 0.9, 0.67
+MIN_TEMPLATE_IOU = 0.8
+SIDES = range(6, 15)
+
+
+def shape_templates(resolution: int = RESOLUTION) -> tuple[np.ndarray, list[str]]:
+    """Every shape of every side in SIDES at every position: boolean masks (N, H, W) and their shape names."""
+    masks, names = [], []
+    for shape in SHAPES:
+        for side in SIDES:
+            for top in range(resolution - side + 1):
+                for left in range(resolution - side + 1):
+                    masks.append(shape_mask(shape, side, resolution, top, left))
+                    names.append(shape)
+    return np.stack(masks), names
+
+
+TEMPLATES, TEMPLATE_SHAPES = shape_templates()
+TEMPLATE_AREAS = TEMPLATES.reshape(len(TEMPLATES), -1).sum(axis=1)
 
 
 def detect_attributes(image: np.ndarray) -> tuple[str | None, str | None]:
@@ -71,10 +90,12 @@ def detect_attributes(image: np.ndarray) -> tuple[str | None, str | None]:
     colour = min(distances, key=distances.get)
     if distances[colour] > MAX_COLOUR_DISTANCE:
         return None, None
-    rows, cols = np.nonzero(component)
-    fill = area / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1))
-    shape = "square" if fill > FILL_SQUARE else "circle" if fill > FILL_CIRCLE else "triangle"
-    return shape, colour
+    intersection = TEMPLATES.reshape(len(TEMPLATES), -1) @ component.ravel().astype(np.int64)
+    iou = intersection / (TEMPLATE_AREAS + area - intersection)
+    best = int(np.argmax(iou))
+    if iou[best] < MIN_TEMPLATE_IOU:
+        return None, None
+    return TEMPLATE_SHAPES[best], colour
 
 
 def detect_batch(images: np.ndarray) -> list[tuple[str | None, str | None]]:

@@ -18,6 +18,7 @@ export, held-out evaluation, sample grids) lives in ``cdrl_diffusers.training``.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import os
@@ -48,6 +49,9 @@ from cdrl_diffusers.validation import (
 logger = get_logger(__name__, log_level="INFO")
 # The two networks: sub-folders of checkpoints and of the exported pipeline, prefixes of logged values.
 NAMES = ("energy_model", "initializer")
+# With the data target (App. G.2), this share of the EBM's negatives starts from the initializer as it was when that
+# target began: far-off negatives that keep the density away from the data (docs/training.md).
+DEFAULT_FROZEN_INITIALIZER_SHARE = 0.25
 
 
 def step_or_none(text: str) -> int | None:
@@ -108,9 +112,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--max_grad_norm", type=cli_positive_float, default=1.0, help="Gradient clip, per network.")
     optim.add_argument("--ema_max_decay", type=cli_fraction, default=0.9999, help="EMA decay of both networks.")
     optim.add_argument("--label_dropout", type=cli_fraction, default=0.1, help="Probability of the null label.")
-    optim.add_argument("--initializer_target", choices=["refined", "data"], default="refined", help="Eq. 8 / G.2.")
     optim.add_argument(
-        "--data_target_from_step", type=step_or_none, default=250, help="Then regress on the data (G.2); 'none'."
+        "--initializer_target", choices=["refined", "data"], default="data", help="Eq. 8 (paper) or App. G.2 (CPU)."
+    )
+    optim.add_argument(
+        "--data_target_from_step", type=step_or_none, help="With 'refined': switch to the data at this step."
+    )
+    optim.add_argument(
+        "--frozen_initializer_share",
+        type=cli_fraction,
+        help="Share of the EBM's chains started by the initializer as the data target began (default 0.25 then).",
     )
     optim.add_argument(
         "--langevin_noise_control",
@@ -169,6 +180,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--level_sampling_weights: expected {args.num_noise_levels} weights with a positive sum, got {weights}"
         )
+    if args.frozen_initializer_share is None:
+        args.frozen_initializer_share = 0.0 if data_phase_start(args) is None else DEFAULT_FROZEN_INITIALIZER_SHARE
+    elif args.frozen_initializer_share > 0 and data_phase_start(args) is None:
+        parser.error("--frozen_initializer_share needs a data target (--data_target_from_step, --initializer_target)")
     if args.eval_num_samples < 2:
         parser.error(f"argument --eval_num_samples: expected at least 2, got {args.eval_num_samples}")
     if args.keep_best_metric is not None and args.eval_steps is None:
@@ -211,18 +226,20 @@ def network_overrides(args: argparse.Namespace) -> tuple[dict, dict]:
     return tuple(given)
 
 
-def initializer_target_at(args: argparse.Namespace, step: int) -> str:
-    """The initializer's regression target at optimisation step ``step`` (0-based): ``--initializer_target``, then
-    the data from ``--data_target_from_step`` on."""
-    switch = args.data_target_from_step
-    return "data" if switch is not None and step >= switch else args.initializer_target
+def data_phase_start(args: argparse.Namespace) -> int | None:
+    """The first optimisation step (0-based) whose initializer regresses on the data (App. G.2), or ``None``:
+    0 with ``--initializer_target data``, else ``--data_target_from_step``."""
+    return 0 if args.initializer_target == "data" else args.data_target_from_step
 
 
 def initializer_target_description(args: argparse.Namespace) -> str:
-    names = {"refined": "refined samples (Eq. 8)", "data": "data (App. G.2)"}
-    if args.data_target_from_step is None or args.initializer_target == "data":
-        return names[args.initializer_target]
-    return f"{names[args.initializer_target]} for {args.data_target_from_step} steps, then {names['data']}"
+    start = data_phase_start(args)
+    if start is None:
+        return "refined samples (Eq. 8)"
+    text = "data (App. G.2)" if start == 0 else f"refined samples (Eq. 8) for {start} steps, then data (App. G.2)"
+    if args.frozen_initializer_share > 0:
+        text += f"; {args.frozen_initializer_share:.0%} of the EBM's chains start from the initializer of step {start}"
+    return text
 
 
 def launched_on_cpus_only() -> bool:
@@ -349,6 +366,10 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
     }
     for ema in emas.values():
         ema.to(accelerator.device)
+    # Far-off negatives for the data phase: the initializer as it was when its target switched to the data.
+    data_start, frozen_initializer = data_phase_start(args), None
+    if args.frozen_initializer_share > 0:
+        frozen_initializer = copy.deepcopy(initializer).requires_grad_(False).eval().to(accelerator.device)
 
     # 3. One optimizer with a parameter group per network (EBM Adam = AdamW without weight decay, initializer AdamW),
     # so fp16 loss scaling steps once per update; the warm-ups of Eq. 15, stepped once per optimisation step.
@@ -392,6 +413,8 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
     )
     training.register_checkpoint_hooks(accelerator, networks, emas, generator)
     accelerator.register_for_checkpointing(lr_scheduler, progress, monitor)
+    if frozen_initializer is not None:
+        accelerator.register_for_checkpointing(frozen_initializer)
     roll_back = training.RollBack(
         accelerator, args.output_dir, generator, args.seed, args.max_consecutive_nonfinite, args.max_rollbacks
     )
@@ -469,6 +492,9 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
             progress.batches_in_epoch += 1
             with accelerator.accumulate(energy_model, initializer):
                 class_labels = training.class_labels_of(batch, conditioning, generator)
+                data_phase = data_start is not None and progress.global_step >= data_start
+                if frozen_initializer is not None and progress.global_step == data_start:
+                    frozen_initializer.load_state_dict(networks["initializer"].state_dict())
                 with accelerator.autocast():
                     output = training.cdrl_training_step(
                         energy_model,
@@ -478,9 +504,11 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
                         class_labels=class_labels,
                         generator=generator,
                         label_dropout=args.label_dropout,
-                        initializer_target=initializer_target_at(args, progress.global_step),
+                        initializer_target="data" if data_phase else "refined",
                         level_probabilities=args.level_sampling_weights,
                         langevin_noise_control=args.langevin_noise_control,
+                        frozen_initializer=frozen_initializer if data_phase else None,
+                        frozen_initializer_share=args.frozen_initializer_share,
                     )
                 if training.losses_are_finite(accelerator, output.ebm_loss, output.initializer_loss):
                     accelerator.backward(output.ebm_loss + output.initializer_loss)
@@ -499,7 +527,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
             bar.update(1)
             step = progress.global_step
             finished = step >= max_train_steps or past_deadline()
-            if step - 1 == args.data_target_from_step and args.initializer_target != "data":
+            if data_start and step - 1 == data_start:
                 # This update's losses are the first with the data target: its loss has a new healthy level.
                 monitor.forget("initializer_loss")
             logs, level_metrics = metrics.reduce(accelerator)

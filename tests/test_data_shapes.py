@@ -72,6 +72,12 @@ def test_render_matches_mask_and_rejects_bad_input():
         shape_mask("star", "small", 16, 0, 0)
     with pytest.raises(ValueError, match="does not fit"):
         shape_mask("square", "large", 16, 6, 0)
+    # A side in pixels: the named sizes are sides 8 and 12 at 16x16; other sides render by the same rules.
+    assert np.array_equal(shape_mask("triangle", 12, 16, 2, 1), shape_mask("triangle", "large", 16, 2, 1))
+    assert shape_mask("square", 10, 16, 3, 3).sum() == 100 and shape_mask("square", 10, 16, 3, 3)[3:13, 3:13].all()
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="`size` must be one of"):
+            shape_mask("square", bad, 16, 0, 0)
     with pytest.raises(ValueError, match="color"):
         render_shape("square", "pink", "small", 16, 0, 0)
 

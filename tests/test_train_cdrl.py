@@ -326,12 +326,33 @@ def test_time_budget_pair_weights_and_step_size_reach_the_run_and_its_export(tmp
 
 def test_data_target_from_step_switches_the_initializer_target(tmp_path):
     output_dir = tmp_path / "out"
-    train(tmp_path, output_dir, "--max_train_steps=4", "--data_target_from_step=2", "--langevin_noise_control")
+    flags = ["--initializer_target=refined", "--data_target_from_step=2", "--langevin_noise_control"]
+    train(tmp_path, output_dir, "--max_train_steps=4", *flags)
     card = (output_dir / "README.md").read_text()
     assert "Initializer target | refined samples (Eq. 8) for 2 steps, then data (App. G.2)" in card
     losses = scalars(output_dir, "train/initializer_loss")
     # The data target y_t^+ is much further from the proposal than the refined sample, without the chain's noise.
     assert sorted(losses) == [1, 2, 3, 4] and min(losses[3], losses[4]) > 10 * max(losses[1], losses[2])
+
+
+def test_frozen_initializer_is_checkpointed_and_resumes_exactly(tmp_path):
+    flags = ["--initializer_target=refined", "--data_target_from_step=2", "--frozen_initializer_share=0.5"]
+    flags.append("--checkpointing_steps=3")
+    uninterrupted = tmp_path / "uninterrupted"
+    train(tmp_path, uninterrupted, *flags, "--max_train_steps=5")
+    card = (uninterrupted / "README.md").read_text()
+    expected_target = "then data (App. G.2); 50% of the EBM's chains start from the initializer of step 2 |"
+    assert expected_target in card
+    interrupted = tmp_path / "interrupted"
+    train(tmp_path, interrupted, *flags, "--max_train_steps=3")
+    # The frozen copy (taken at step 2, after the switch) comes back from checkpoint-3, not from the initial weights.
+    train(tmp_path, interrupted, *flags, "--max_train_steps=5", "--resume_from_checkpoint=latest", "--logging_dir=l2")
+    expected, resumed = scalars(uninterrupted, "train/ebm_loss"), scalars(interrupted, "train/ebm_loss", "l2")
+    assert sorted(resumed) == [4, 5] and [resumed[4], resumed[5]] == [expected[4], expected[5]]
+    train(tmp_path, tmp_path / "plain", *flags[:2], "--frozen_initializer_share=0", "--max_train_steps=5")
+    without = scalars(tmp_path / "plain", "train/ebm_loss")
+    assert [without[step] for step in (1, 2)] == [expected[step] for step in (1, 2)]  # before the switch: the same
+    assert without[3] != expected[3]  # after it, half the chains start from the frozen copy
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -343,13 +364,14 @@ BAD_FLAGS = {
     "--keep_best_metric=kid": "--keep_best_metric needs --eval_steps",
     "--level_sampling_weights=1": "--level_sampling_weights: expected 6 weights with a positive sum",
     "--langevin_step_size_scale=0": "argument --langevin_step_size_scale: expected a finite number > 0",
+    "--frozen_initializer_share=0.2 --initializer_target=refined": "--frozen_initializer_share needs a data target",
 }
 
 
 def test_bad_flags_stop_the_script_with_argparse_errors(tmp_path):
     processes = {
         flag: subprocess.Popen(
-            [sys.executable, str(SCRIPT), f"--output_dir={tmp_path / 'out'}", flag],
+            [sys.executable, str(SCRIPT), f"--output_dir={tmp_path / 'out'}", *flag.split()],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -66,17 +66,24 @@ def box_size(size: str, resolution: int) -> int:
     return round(SIZES[size] * resolution)
 
 
-def shape_mask(shape: str, size: str, resolution: int, top: int, left: int) -> np.ndarray:
+def shape_mask(shape: str, size: str | int, resolution: int, top: int, left: int) -> np.ndarray:
     """Boolean (resolution, resolution) mask of the pixels whose centres lie inside the shape.
 
     Args:
         shape: ``"circle"``, ``"square"`` or ``"triangle"``.
-        size: ``"small"`` or ``"large"`` (see ``box_size``).
+        size: ``"small"`` or ``"large"`` (see ``box_size``), or the box's side in pixels (shapes of other sizes,
+            e.g. templates to recognise generated ones).
         resolution: height and width of the image.
         top, left: the pixel row and column of the bounding box's top-left corner.
     """
     _check_choice(shape, "shape", SHAPES)
-    side = box_size(size, resolution)
+    if isinstance(size, str):
+        side = box_size(size, resolution)
+    elif isinstance(size, int) and not isinstance(size, bool) and size >= 1:
+        _check_resolution(resolution)
+        side = size
+    else:
+        raise ValueError(f"`size` must be one of {tuple(SIZES)} or a side in pixels >= 1, got {size!r}.")
     if not (0 <= top <= resolution - side and 0 <= left <= resolution - side):
         raise ValueError(
             f"A {size} shape ({side} px) at (top={top}, left={left}) does not fit in a "

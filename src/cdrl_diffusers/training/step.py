@@ -124,6 +124,8 @@ def cdrl_training_step(
     initializer_target: str = "refined",
     level_probabilities: torch.Tensor | list[float] | None = None,
     langevin_noise_control: bool = False,
+    frozen_initializer: nn.Module | None = None,
+    frozen_initializer_share: float = 0.0,
 ) -> CDRLTrainingOutput:
     r"""Losses of one CDRL iteration (Algorithm 1) on a batch of clean data in [-1, 1].
 
@@ -131,7 +133,7 @@ def cdrl_training_step(
        x_{t+1} from the shared eps (Eq. 9).
     2. Propose y_hat_t = g(x_{t+1}) + sigma_tilde_t eps' (Eq. 6).
     3. Refine it with K Langevin steps on the conditional EBM (Eq. 5), in eval mode and without parameter
-       gradients: y_tilde_t.
+       gradients: y_tilde_t (with ``frozen_initializer``, the first chains start from its proposals instead).
     4. EBM loss (Eq. 7 with the level weights w_t): mean_b w_t (f_hat(y_tilde_t) - f_hat(y_t^+)).
     5. Initializer loss (Eq. 8 without the 1 / (2 sigma_tilde^2) factor): mean_b sum (y_tilde_t - y_hat_t)^2, with
        gradients into g through y_hat_t. With ``initializer_target="data"`` the target is y_t^+ instead of y_tilde_t
@@ -158,6 +160,14 @@ def cdrl_training_step(
             target of Eq. 8. Those terms have mean zero given everything the initializer sees, so the expected
             gradient of the initializer is unchanged; only its variance falls (a control variate). Without it, at
             small step sizes the K noise terms dominate y_tilde - y_hat and the initializer mostly random-walks.
+        frozen_initializer: an earlier, frozen copy of the initializer (same signature). With the data target, the
+            live initializer soon proposes close to the data, and so do the EBM's negatives: the EBM then forgets
+            how far-off images score. The frozen copy proposes the starting points of the first
+            ``frozen_initializer_share`` of the batch instead (the same proposal noise and Langevin refinement),
+            keeping such negatives in the EBM's loss. Their terms are logistic, w_t softplus(f_hat(y_tilde) -
+            f_hat(y^+)): chains that start far off cannot reach the data in K steps, and Eq. 7 would lower their
+            energy without bound. It runs in eval mode without gradients; only with ``initializer_target="data"``.
+        frozen_initializer_share: the share of the batch whose chains start from ``frozen_initializer``, in [0, 1].
 
     For tight memory, ``energy_model.enable_gradient_checkpointing()`` stops the positive and negative passes of the
     EBM loss from holding their activations until the backward pass (docs/performance.md gives the cost).
@@ -171,8 +181,13 @@ def cdrl_training_step(
     check_probability(label_dropout, "label_dropout")
     if initializer_target not in ("refined", "data"):
         raise ValueError(f"`initializer_target` must be 'refined' or 'data', got {initializer_target!r}.")
+    check_probability(frozen_initializer_share, "frozen_initializer_share")
     check_generator(generator)
     batch, device, num_levels = clean_samples.shape[0], clean_samples.device, scheduler.num_noise_levels
+    num_frozen = round(frozen_initializer_share * batch) if frozen_initializer is not None else 0
+    if num_frozen and initializer_target != "data":
+        # Eq. 8's target would be a chain the live initializer did not start.
+        raise ValueError("`frozen_initializer` needs `initializer_target='data'`.")
     sampling_energy_model = _unwrap(energy_model)
     energy_null = null_label_of(sampling_energy_model)
     initializer_null = null_label_of(_unwrap(initializer))
@@ -207,6 +222,19 @@ def cdrl_training_step(
         mean = initializer(noisier, scheduler.initializer_logsnr(timesteps), class_labels=initializer_labels).sample
         proposal_noise = randn_tensor(clean_samples.shape, generator=generator, device=device, dtype=torch.float32)
         proposal = scheduler.initializer_proposal(mean.float(), timesteps, proposal_noise)
+        start = proposal.detach()
+        if num_frozen:
+            with frozen(frozen_initializer), torch.no_grad():
+                frozen_labels = None if initializer_labels is None else initializer_labels[:num_frozen]
+                frozen_mean = frozen_initializer(
+                    noisier[:num_frozen],
+                    scheduler.initializer_logsnr(timesteps[:num_frozen]),
+                    class_labels=frozen_labels,
+                ).sample
+            frozen_proposal = scheduler.initializer_proposal(
+                frozen_mean.float(), timesteps[:num_frozen], proposal_noise[:num_frozen]
+            )
+            start = torch.cat([frozen_proposal, start[num_frozen:]])
 
         energy_weights = ConditionWeights.unconditional()
         if energy_labels is not None:
@@ -216,7 +244,7 @@ def cdrl_training_step(
             refined, injected_noise = langevin_refine(
                 sampling_energy_model,
                 scheduler,
-                proposal.detach(),
+                start,
                 noisier,
                 timesteps,
                 terms,
@@ -232,7 +260,12 @@ def cdrl_training_step(
         ).neg_energy.float()
     neg_energy_positive, neg_energy_negative = neg_energy.chunk(2)
     loss_weight = scheduler.loss_weight.to(device)[timesteps]
-    ebm_losses = loss_weight * (neg_energy_negative - neg_energy_positive)
+    difference = neg_energy_negative - neg_energy_positive
+    if num_frozen:
+        # Far-off chains cannot reach the data in K steps, so Eq. 7 would lower their energy without bound. Their terms
+        # are logistic instead: they rank far-off samples below the data, and stop pushing once they do.
+        difference = torch.cat([nn.functional.softplus(difference[:num_frozen]), difference[num_frozen:]])
+    ebm_losses = loss_weight * difference
     if initializer_target == "data":
         target = positive
     else:
@@ -245,7 +278,7 @@ def cdrl_training_step(
         "neg_energy_positive": neg_energy_positive,
         "neg_energy_negative": neg_energy_negative,
         "neg_energy_gap": neg_energy_positive - neg_energy_negative,
-        "proposal_distance": (refined - proposal.detach()).flatten(1).norm(dim=1),
+        "proposal_distance": (refined - start).flatten(1).norm(dim=1),
     }
     return CDRLTrainingOutput(
         ebm_loss=ebm_losses.mean(),
