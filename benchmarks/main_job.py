@@ -12,7 +12,12 @@ documented rendering of ``cdrl_diffusers.data.shapes``. The scores:
 - clean: the fraction of samples that show one clean, detectable shape in one of the dataset's colours (real images:
   100 %);
 - pairs: how many of the 9 (shape, colour) pairs appear, and how often each does (the dataset draws them uniformly);
+- clean from real x_L: the clean fraction when sampling starts at level L from real held-out shapes noised to x_L
+  (L = 1..T), which shows at which noise levels the samples go wrong;
 - OOD: the AUROC of the level-0 ``log_density`` of held-out shapes against shifted copies of them (``shift_images``).
+
+``--baseline_minutes M`` also trains the model a user would pick instead, an unconditional diffusers DDPM (the digits
+benchmark's ``UNet2DModel``), on the same shapes for M minutes and scores its DDIM samples the same way.
 
 It writes docs/results/main_job.json and docs/figures/main_job_samples.png (samples beside training images).
 """
@@ -33,13 +38,17 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils import make_image_grid
+from diffusion_baseline import build_unet, ddim_sample, train_with_budget
+from digits_guidance import BASELINE_TRAIN_TIMESTEPS, BASELINE_TRAINING, BASELINE_UNET
 from downstream import as_array, detect_batch, to_model_input
 
 from cdrl_diffusers import CDRLPipeline
 from cdrl_diffusers.data import COLORS, SHAPES, load_shapes_dataset
 from cdrl_diffusers.evaluation import ood_auroc, shift_images
-from cdrl_diffusers.validation import cli_positive_int
+from cdrl_diffusers.training import image_tensors, load_embedded_dataset
+from cdrl_diffusers.validation import cli_positive_float, cli_positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 OOD_SETS = ("uniform", "shuffled", "inverted", "rotated", "periodic")
@@ -68,6 +77,66 @@ def score_samples(images: np.ndarray) -> dict:
     }
 
 
+def clean_from_real_levels(pipeline: CDRLPipeline, real: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """Where do samples go wrong? Start Algorithm 2 at x_L made from real held-out shapes (L = 1..T) and score.
+
+    x_L = alpha_bar_L x_0 + sigma_bar_L eps is fed in through ``callback_on_step_end`` after level L has run (or as the
+    latents for L = T), so levels L - 1..0 refine real noisy data. A drop between L and L + 1 is the loss of level L.
+    """
+    scheduler = pipeline.scheduler
+    scores = {}
+    for level in range(1, scheduler.num_noise_levels + 1):
+        generator = torch.Generator().manual_seed(seed)
+        start = scheduler.add_noise(real, torch.randn(real.shape, generator=generator), level)
+
+        def replace(pipe, index, timestep, callback_kwargs, level=level, start=start):
+            return {"latents": start} if timestep == level else {}
+
+        samples = pipeline(
+            batch_size=len(real),
+            latents=start if level == scheduler.num_noise_levels else None,
+            callback_on_step_end=None if level == scheduler.num_noise_levels else replace,
+            generator=generator,
+            output_type="np",
+        ).images
+        scores[f"x_{level}"] = score_samples(samples)["clean"]
+    return scores
+
+
+def diffusion_baseline(minutes: float, num_samples: int, ddim_steps: int) -> dict:
+    """The model a user would pick instead, on the same shapes for ``minutes``: an unconditional diffusers DDPM.
+
+    The digits benchmark's ``UNet2DModel`` and training choices (epsilon loss, AdamW, batch 64), one class and no
+    label dropout; sampled with deterministic DDIM and scored by the same detector as CDRL's samples.
+    """
+    dataset, _ = load_embedded_dataset("shapes", 16)
+    images, _ = image_tensors(dataset, "image", 16, 3)
+    torch.manual_seed(0)
+    model = build_unet(16, 3, 1, **BASELINE_UNET)
+    ddpm = DDPMScheduler(num_train_timesteps=BASELINE_TRAIN_TIMESTEPS)
+    training = {**BASELINE_TRAINING, "label_dropout": 0.0}
+    labels = torch.zeros(len(images), dtype=torch.long)
+    print(f"Diffusion baseline: {model.num_parameters():,} parameters, {minutes:g} min of training", flush=True)
+    with torch.enable_grad():  # main() scores under no_grad
+        model, record = train_with_budget(model, ddpm, images, labels, seconds=60 * minutes, **training)
+    latents = torch.randn(num_samples, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    ddim = DDIMScheduler.from_config(ddpm.config)
+    samples = ddim_sample(model, ddim, latents, labels[:num_samples], 0.0, ddim_steps)
+    seconds = time.perf_counter() - start
+    scores = score_samples((samples.permute(0, 2, 3, 1).numpy() + 1) / 2)
+    print(f"Diffusion baseline: {record.steps} steps; clean {scores['clean']:.3f}, pairs {scores['pairs_present']}/9")
+    return {
+        "model": {"class": "UNet2DModel", **BASELINE_UNET},
+        "parameters": model.num_parameters(),
+        "training": {**training, "optimizer": "AdamW", "loss": "epsilon MSE", "budget_minutes": minutes},
+        "train_steps": record.steps,
+        "sampler": f"DDIMScheduler, {ddim_steps} steps, eta 0",
+        "samples": scores,
+        "sampling_seconds_per_image": seconds / num_samples,
+    }
+
+
 def save_figure(samples: np.ndarray, real: np.ndarray, path: Path, columns: int = 8, upscale: int = 4) -> None:
     """Samples (left) beside training images (right), 8 x 8 each."""
     count = columns * columns
@@ -87,6 +156,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_samples", type=cli_positive_int, default=576, help="Unconditional samples to score.")
     parser.add_argument("--num_ood_images", type=cli_positive_int, default=512, help="Held-out shapes for OOD.")
     parser.add_argument("--threads", type=cli_positive_int, default=1, help="CPU threads for scoring.")
+    parser.add_argument(
+        "--baseline_minutes",
+        type=cli_positive_float,
+        help="Also train and score a same-budget diffusers DDPM on the shapes (e.g. the CDRL run's minutes).",
+    )
+    parser.add_argument("--baseline_ddim_steps", type=cli_positive_int, default=50)
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "main_job.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "main_job_samples.png")
     return parser.parse_args(argv)
@@ -115,8 +190,10 @@ def main(args: argparse.Namespace) -> dict:
     ood = {
         shift: ood_auroc(in_scores, pipeline.log_density(shift_images(images, shift, generator))) for shift in OOD_SETS
     }
+    from_real = clean_from_real_levels(pipeline, images[: args.num_samples])
     print(f"samples: clean {scores['clean']:.3f}, pairs {scores['pairs_present']}/9 {scores['pair_counts']}")
     print(f"real held-out shapes: clean {real_scores['clean']:.3f}, pairs {real_scores['pairs_present']}/9")
+    print("clean samples when levels L - 1..0 start from real noisy shapes x_L:", from_real)
     print("OOD AUROC:", {name: round(value, 3) for name, value in ood.items()})
 
     results = {
@@ -140,8 +217,13 @@ def main(args: argparse.Namespace) -> dict:
         "samples": scores,
         "sampling_seconds_per_image": sampling_seconds / args.num_samples,
         "real_held_out": real_scores,
+        "clean_from_real_x_L": from_real,
         "ood_auroc": ood,
     }
+    if args.baseline_minutes:
+        results["diffusion_baseline"] = diffusion_baseline(
+            args.baseline_minutes, args.num_samples, args.baseline_ddim_steps
+        )
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     args.figure.parent.mkdir(parents=True, exist_ok=True)
