@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--initializer_learning_rate", type=cli_positive_float, default=1e-3, help="(paper: 1e-5).")
     optim.add_argument("--lr_warmup_steps", type=cli_non_negative_int, default=200, help="Eq. 15 (paper: 10000).")
     optim.add_argument("--initializer_warmup_head_start", type=cli_non_negative_int, default=500, help="Eq. 15.")
+    optim.add_argument(
+        "--lr_decay", choices=training.LR_DECAYS, default="constant", help="After the warm-up (paper: constant)."
+    )
     optim.add_argument("--adam_beta1", type=cli_fraction, default=0.9)
     optim.add_argument("--adam_beta2", type=cli_fraction, default=0.999)
     optim.add_argument("--adam_epsilon", type=cli_positive_float, default=1e-8)
@@ -262,7 +265,7 @@ def run_facts(args, accelerator, progress, dataset, channels, conditioning, star
         "Batch size": f"{args.train_batch_size * processes * accumulation} ({args.train_batch_size} per device x "
         f"{processes} process(es) x {accumulation} accumulation step(s))",
         "EBM optimiser": f"Adam, lr {args.ebm_learning_rate}, betas ({args.adam_beta1}, {args.adam_beta2}), "
-        f"linear warm-up over {args.lr_warmup_steps} steps (Eq. 15)",
+        f"linear warm-up over {args.lr_warmup_steps} steps (Eq. 15), then {args.lr_decay}",
         "Initializer optimiser": f"AdamW, lr {args.initializer_learning_rate}, weight decay "
         f"{args.initializer_weight_decay}, warm-up {args.initializer_warmup_head_start} steps ahead (Eq. 15)",
         "Gradient clipping": f"{args.max_grad_norm} per network",
@@ -382,13 +385,6 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
         eps=args.adam_epsilon,
         weight_decay=args.initializer_weight_decay,
     )
-    lr_scheduler = LambdaLR(
-        optimizer,
-        [
-            lambda step: training.warmup_multiplier(step, args.lr_warmup_steps),
-            lambda step: training.warmup_multiplier(step, args.lr_warmup_steps, args.initializer_warmup_head_start),
-        ],
-    )
     energy_model, initializer, optimizer, train_dataloader = accelerator.prepare(
         energy_model, initializer, optimizer, train_dataloader
     )
@@ -400,6 +396,16 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
         )
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * updates_per_epoch
+    lr_scheduler = LambdaLR(
+        optimizer,
+        [
+            lambda step, head_start=head_start: (
+                training.warmup_multiplier(step, args.lr_warmup_steps, head_start)
+                * training.decay_multiplier(step, max_train_steps, args.lr_decay)
+            )
+            for head_start in (0, args.initializer_warmup_head_start)
+        ],
+    )
 
     # 4. Checkpoint contents (networks and EMAs in diffusers format, the optimizer, RNG states, the learning-rate
     # schedule, the training position, the health monitor and this process's noise generator); trackers; resume.

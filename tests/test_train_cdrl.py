@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import re
 import shutil
@@ -223,8 +224,11 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
     (partial / "optimizer.bin").write_bytes(b"truncated")
 
     resumed_run = "--logging_dir=logs_resumed"  # its own event files: only what the resumed run computed
-    train(tmp_path, interrupted, *flags, "--max_train_steps=6", "--resume_from_checkpoint=latest", resumed_run)
+    resumed = train(
+        tmp_path, interrupted, *flags, "--max_train_steps=6", "--resume_from_checkpoint=latest", resumed_run
+    )
     assert not partial.exists()
+    assert "FutureWarning" not in resumed.stderr and "not expected" not in resumed.stderr  # the EMAs load quietly
     for tag in ("train/ebm_loss", "train/initializer_loss", "grad_norm/energy_model"):
         expected, resumed = scalars(uninterrupted, tag), scalars(interrupted, tag, "logs_resumed")
         assert sorted(resumed) == [4, 5, 6], tag
@@ -322,6 +326,19 @@ def test_time_budget_pair_weights_and_step_size_reach_the_run_and_its_export(tmp
     assert CDRLPipeline.from_pretrained(output_dir).scheduler.config.langevin_step_size_scale == 1e-3
     # Only pair 2 was drawn: levels 0 and 1 never logged a statistic.
     assert scalars(output_dir, "level_2/ebm_loss") and not scalars(output_dir, "level_0/ebm_loss")
+
+
+def test_lr_decay_follows_the_warm_up_times_the_cosine(tmp_path):
+    output_dir = tmp_path / "out"
+    flags = ["--max_train_steps=4", "--lr_decay=cosine", "--lr_warmup_steps=2", "--initializer_warmup_head_start=1"]
+    train(tmp_path, output_dir, *flags, "--ebm_learning_rate=1e-3", "--initializer_learning_rate=2e-3")
+    cosine = [0.5 * (1 + math.cos(math.pi * step / 4)) for step in range(1, 5)]  # logged after step n: rate of n
+    expected_ebm = [1e-3 * min(1, step / 2) * decay for step, decay in zip(range(1, 5), cosine)]
+    expected_initializer = [2e-3 * min(1, (step + 1) / 2) * decay for step, decay in zip(range(1, 5), cosine)]
+    ebm, initializer = scalars(output_dir, "lr/energy_model"), scalars(output_dir, "lr/initializer")
+    assert [ebm[step] for step in range(1, 5)] == pytest.approx(expected_ebm, abs=1e-9)
+    assert [initializer[step] for step in range(1, 5)] == pytest.approx(expected_initializer, abs=1e-9)
+    assert "linear warm-up over 2 steps (Eq. 15), then cosine" in (output_dir / "README.md").read_text()
 
 
 def test_data_target_from_step_switches_the_initializer_target(tmp_path):

@@ -12,6 +12,7 @@ from cdrl_diffusers import (
     InitializerMLP,
     cdrl_training_step,
     create_ema_model,
+    decay_multiplier,
     drop_labels,
     warmup_multiplier,
 )
@@ -217,6 +218,18 @@ def test_warmup_is_eq_15():
     assert warmup_multiplier(0, head_start=500) == 0.05
     assert warmup_multiplier(9_500, head_start=500) == 1.0
     assert warmup_multiplier(7, warmup_steps=0) == 1.0
+
+
+def test_decay_multiplier_formulas_and_errors():
+    assert [decay_multiplier(step, 8, "constant") for step in (0, 8, 20)] == [1.0, 1.0, 1.0]
+    assert [decay_multiplier(step, 8, "linear") for step in (0, 2, 8, 20)] == [1.0, 0.75, 0.0, 0.0]
+    cosine = [decay_multiplier(step, 8, "cosine") for step in range(9)]
+    assert cosine == pytest.approx([0.5 * (1 + math.cos(math.pi * step / 8)) for step in range(9)], abs=1e-15)
+    assert cosine[4] == pytest.approx(0.5) and all(a > b for a, b in zip(cosine, cosine[1:]))
+    with pytest.raises(ValueError, match="`decay` must be one of"):
+        decay_multiplier(1, 8, "exponential")
+    with pytest.raises(ValueError, match="`total_steps` must be positive"):
+        decay_multiplier(1, 0, "cosine")
 
 
 def test_ema_decay_warmup():

@@ -16,6 +16,7 @@ from .training import (
     CDRLTrainingOutput,
     cdrl_training_step,
     create_ema_model,
+    decay_multiplier,
     drop_labels,
     warmup_multiplier,
 )
@@ -39,5 +40,6 @@ __all__ = [
     "create_model_card",
     "drop_labels",
     "fold_spectral_norm",
+    "decay_multiplier",
     "warmup_multiplier",
 ]

@@ -42,21 +42,25 @@ from .reporting import (
 )
 from .step import (
     LEVEL_METRICS,
+    LR_DECAYS,
     CDRLTrainingOutput,
     cdrl_training_step,
     create_ema_model,
+    decay_multiplier,
     drop_labels,
     warmup_multiplier,
 )
 
 __all__ = [
     "LEVEL_METRICS",
+    "LR_DECAYS",
     "CDRLTrainingOutput",
     "DivergenceError",
     "TrainingHealthMonitor",
     "cdrl_training_step",
     "create_ema_model",
     "drop_labels",
+    "decay_multiplier",
     "warmup_multiplier",
     "HIGHER_IS_BETTER",
     "RollBack",

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 from diffusers.training_utils import EMAModel
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file
 from torch import nn
 
 if TYPE_CHECKING:
@@ -166,6 +168,19 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
     return final
 
 
+def load_ema(ema: EMAModel, model: nn.Module, folder: str) -> None:
+    """Restore ``ema`` (tracking ``model``'s parameters) from a folder written by ``EMAModel.save_pretrained``.
+
+    ``EMAModel.from_pretrained`` would rebuild the model through a deprecated ``from_config(path)`` call and warn about
+    the EMA's own keys in ``config.json``; this reads the weights and those keys directly, with the same result.
+    """
+    config = type(model).load_config(folder)
+    weights = load_file(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
+    state = {key: config[key] for key in ema.state_dict() if key != "shadow_params"}
+    state["shadow_params"] = [weights[name] for name, _ in model.named_parameters()]
+    ema.load_state_dict(state)
+
+
 def register_checkpoint_hooks(
     accelerator: Accelerator, models: dict[str, nn.Module], emas: dict[str, EMAModel], generator: torch.Generator
 ) -> None:
@@ -191,8 +206,7 @@ def register_checkpoint_hooks(
             model = accelerator.unwrap_model(prepared.pop())
             name = names[id(model)]
             model.load_state_dict(type(model).from_pretrained(folder, subfolder=name).state_dict())
-            ema = EMAModel.from_pretrained(os.path.join(folder, f"{name}_ema"), type(model))
-            emas[name].load_state_dict(ema.state_dict())
+            load_ema(emas[name], model, os.path.join(folder, f"{name}_ema"))
             emas[name].to(accelerator.device)
         generator_file = os.path.join(folder, f"generator_{accelerator.process_index}.pt")
         if not os.path.exists(generator_file):

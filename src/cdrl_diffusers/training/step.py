@@ -6,6 +6,7 @@ losses, so every training script, test and benchmark shares one implementation o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,26 @@ def warmup_multiplier(step: int, warmup_steps: int = 10_000, head_start: int = 0
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, (step + head_start) / warmup_steps)
+
+
+LR_DECAYS = ("constant", "cosine", "linear")
+
+
+def decay_multiplier(step: int, total_steps: int, decay: str = "constant") -> float:
+    """The learning-rate decay after the warm-up, as a factor in [0, 1] at ``step`` of ``total_steps``.
+
+    ``"constant"`` keeps the peak rate (App. A.2); ``"cosine"`` is 0.5 (1 + cos(pi step / total_steps)) and
+    ``"linear"`` 1 - step / total_steps, both reaching 0 at ``total_steps``. A run's schedule is defined by its planned
+    length, so a run twice as long anneals twice as slowly.
+    """
+    if decay not in LR_DECAYS:
+        raise ValueError(f"`decay` must be one of {LR_DECAYS}, got {decay!r}.")
+    if decay == "constant":
+        return 1.0
+    if total_steps <= 0:
+        raise ValueError(f"`total_steps` must be positive for a {decay!r} decay, got {total_steps}.")
+    progress = min(1.0, max(0.0, step / total_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
 
 
 def create_ema_model(model: nn.Module, decay: float = 0.9999) -> EMAModel:
