@@ -37,6 +37,7 @@ from cdrl_diffusers import (
     InitializerMLP,
     cdrl_training_step,
     create_ema_model,
+    decay_multiplier,
     warmup_multiplier,
 )
 from cdrl_diffusers.data import TOY_BOUND, TOY_DATASETS, has_density, sample_toy, toy_log_density
@@ -49,10 +50,9 @@ from cdrl_diffusers.evaluation import (
     mmd_rbf,
     sliced_wasserstein_distance,
 )
-from cdrl_diffusers.training import DivergenceError, TrainingHealthMonitor
+from cdrl_diffusers.training import LR_DECAYS, DivergenceError, TrainingHealthMonitor
 
 MIXED_PRECISION = ("no", "bf16")
-LR_DECAYS = ("constant", "cosine")
 
 
 @dataclass
@@ -70,7 +70,7 @@ class ToyConfig:
     # Training stops after ``num_train_steps`` or ``max_train_minutes``, whichever comes first; the learning-rate
     # decay follows the larger of the two fractions used, so a slower machine runs the whole schedule in fewer steps.
     max_train_minutes: float = 20.0
-    # "cosine" multiplies the Eq. 15 warm-up by a half-cosine from 1 to ``final_lr_fraction`` over the run;
+    # "cosine" (or "linear") multiplies the Eq. 15 warm-up by a decay from 1 to ``final_lr_fraction`` over the run;
     # "constant" is the paper's.
     lr_decay: str = "cosine"
     final_lr_fraction: float = 0.1
@@ -185,14 +185,6 @@ def _autocast(mixed_precision: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _decay(config: ToyConfig, progress_fraction: float) -> float:
-    """The learning-rate multiplier after the warm-up: 1, or a half-cosine from 1 to ``final_lr_fraction``."""
-    if config.lr_decay == "constant":
-        return 1.0
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress_fraction, 1.0)))
-    return config.final_lr_fraction + (1.0 - config.final_lr_fraction) * cosine
-
-
 def _format_gaps(gaps: list[float]) -> str:
     return " ".join(f"{gap:+.3g}" for gap in gaps)
 
@@ -247,7 +239,7 @@ def train_toy(
         for optimizer, learning_rate, head_start in optimizers:
             rate = learning_rate * warmup_multiplier(step - 1, config.warmup_steps, head_start)
             for group in optimizer.param_groups:
-                group["lr"] = rate * _decay(config, progress_fraction)
+                group["lr"] = rate * decay_multiplier(progress_fraction, config.lr_decay, config.final_lr_fraction)
         clean = sample_toy(config.dataset, config.batch_size, generator=generator, scale=config.data_scale)
         with _autocast(config.mixed_precision):
             output = cdrl_training_step(

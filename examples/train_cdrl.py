@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--lr_warmup_steps", type=cli_non_negative_int, default=200, help="Eq. 15 (paper: 10000).")
     optim.add_argument("--initializer_warmup_head_start", type=cli_non_negative_int, default=500, help="Eq. 15.")
     optim.add_argument(
-        "--lr_decay", choices=training.LR_DECAYS, default="constant", help="After the warm-up (paper: constant)."
+        "--lr_decay", choices=training.LR_DECAYS, default="cosine", help="After the warm-up (paper: constant)."
     )
     optim.add_argument("--adam_beta1", type=cli_fraction, default=0.9)
     optim.add_argument("--adam_beta2", type=cli_fraction, default=0.999)
@@ -401,7 +401,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
         [
             lambda step, head_start=head_start: (
                 training.warmup_multiplier(step, args.lr_warmup_steps, head_start)
-                * training.decay_multiplier(step, max_train_steps, args.lr_decay)
+                * training.decay_multiplier(step / max_train_steps, args.lr_decay)
             )
             for head_start in (0, args.initializer_warmup_head_start)
         ],

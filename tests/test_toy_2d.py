@@ -152,7 +152,7 @@ def test_config_validation_and_presets():
     with pytest.raises(ValueError, match="mixed_precision"):
         toy_2d.ToyConfig(mixed_precision="fp16")
     with pytest.raises(ValueError, match="lr_decay"):
-        toy_2d.ToyConfig(lr_decay="linear")
+        toy_2d.ToyConfig(lr_decay="exponential")
     with pytest.raises(ValueError, match="final_lr_fraction"):
         toy_2d.ToyConfig(final_lr_fraction=1.5)
     with pytest.raises(ValueError, match="max_train_minutes"):

@@ -221,15 +221,17 @@ def test_warmup_is_eq_15():
 
 
 def test_decay_multiplier_formulas_and_errors():
-    assert [decay_multiplier(step, 8, "constant") for step in (0, 8, 20)] == [1.0, 1.0, 1.0]
-    assert [decay_multiplier(step, 8, "linear") for step in (0, 2, 8, 20)] == [1.0, 0.75, 0.0, 0.0]
-    cosine = [decay_multiplier(step, 8, "cosine") for step in range(9)]
+    assert [decay_multiplier(progress, "constant") for progress in (0, 1, 2)] == [1.0, 1.0, 1.0]
+    assert [decay_multiplier(progress, "linear") for progress in (-1, 0, 0.25, 1, 2)] == [1.0, 1.0, 0.75, 0.0, 0.0]
+    cosine = [decay_multiplier(step / 8, "cosine") for step in range(9)]
     assert cosine == pytest.approx([0.5 * (1 + math.cos(math.pi * step / 8)) for step in range(9)], abs=1e-15)
     assert cosine[4] == pytest.approx(0.5) and all(a > b for a, b in zip(cosine, cosine[1:]))
+    assert decay_multiplier(1.0, "cosine", final_fraction=0.1) == pytest.approx(0.1)
+    assert decay_multiplier(0.5, "linear", final_fraction=0.2) == pytest.approx(0.6)
     with pytest.raises(ValueError, match="`decay` must be one of"):
-        decay_multiplier(1, 8, "exponential")
-    with pytest.raises(ValueError, match="`total_steps` must be positive"):
-        decay_multiplier(1, 0, "cosine")
+        decay_multiplier(0.5, "exponential")
+    with pytest.raises(ValueError, match="`final_fraction` must be in"):
+        decay_multiplier(0.5, "cosine", final_fraction=1.5)
 
 
 def test_ema_decay_warmup():

@@ -65,21 +65,21 @@ def warmup_multiplier(step: int, warmup_steps: int = 10_000, head_start: int = 0
 LR_DECAYS = ("constant", "cosine", "linear")
 
 
-def decay_multiplier(step: int, total_steps: int, decay: str = "constant") -> float:
-    """The learning-rate decay after the warm-up, as a factor in [0, 1] at ``step`` of ``total_steps``.
+def decay_multiplier(progress: float, decay: str = "constant", final_fraction: float = 0.0) -> float:
+    """The learning-rate factor after the warm-up at ``progress`` in [0, 1] through the run (clamped).
 
-    ``"constant"`` keeps the peak rate (App. A.2); ``"cosine"`` is 0.5 (1 + cos(pi step / total_steps)) and
-    ``"linear"`` 1 - step / total_steps, both reaching 0 at ``total_steps``. A run's schedule is defined by its planned
-    length, so a run twice as long anneals twice as slowly.
+    ``"constant"`` keeps the peak rate (App. A.2); ``"cosine"`` falls from 1 to ``final_fraction`` along a half-cosine,
+    f + (1 - f) 0.5 (1 + cos(pi progress)), and ``"linear"`` along a line, f + (1 - f) (1 - progress).
     """
     if decay not in LR_DECAYS:
         raise ValueError(f"`decay` must be one of {LR_DECAYS}, got {decay!r}.")
+    if not 0.0 <= final_fraction <= 1.0:
+        raise ValueError(f"`final_fraction` must be in [0, 1], got {final_fraction}.")
     if decay == "constant":
         return 1.0
-    if total_steps <= 0:
-        raise ValueError(f"`total_steps` must be positive for a {decay!r} decay, got {total_steps}.")
-    progress = min(1.0, max(0.0, step / total_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+    progress = min(1.0, max(0.0, progress))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+    return final_fraction + (1.0 - final_fraction) * shape
 
 
 def create_ema_model(model: nn.Module, decay: float = 0.9999) -> EMAModel:
