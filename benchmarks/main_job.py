@@ -17,7 +17,8 @@ documented rendering of ``cdrl_diffusers.data.shapes``. The scores:
 - OOD: the AUROC of the level-0 ``log_density`` of held-out shapes against shifted copies of them (``shift_images``).
 
 ``--baseline_minutes M`` also trains the model a user would pick instead, an unconditional diffusers DDPM (the digits
-benchmark's ``UNet2DModel``), on the same shapes for M minutes and scores its DDIM samples the same way.
+benchmark's ``UNet2DModel``), on the same shapes for M minutes and scores its DDIM samples the same way;
+``--reuse_baseline FILE`` copies that section from an earlier results file instead.
 
 It writes docs/results/main_job.json and docs/figures/main_job_samples.png (samples beside training images).
 """
@@ -161,10 +162,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=cli_positive_float,
         help="Also train and score a same-budget diffusers DDPM on the shapes (e.g. the CDRL run's minutes).",
     )
+    parser.add_argument(
+        "--reuse_baseline",
+        type=Path,
+        help="Copy the baseline's section from an earlier results file (it does not depend on CDRL's recipe).",
+    )
     parser.add_argument("--baseline_ddim_steps", type=cli_positive_int, default=50)
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "main_job.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "main_job_samples.png")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.reuse_baseline is not None:
+        if args.baseline_minutes is not None:
+            parser.error("`--reuse_baseline` and `--baseline_minutes` exclude each other.")
+        try:
+            reusable = "diffusion_baseline" in json.loads(args.reuse_baseline.read_text())
+        except (OSError, ValueError):
+            reusable = False
+        if not reusable:
+            parser.error(f"`--reuse_baseline`: {args.reuse_baseline} is not a results file with a diffusion_baseline.")
+    return args
 
 
 @torch.no_grad()
@@ -224,6 +240,12 @@ def main(args: argparse.Namespace) -> dict:
         results["diffusion_baseline"] = diffusion_baseline(
             args.baseline_minutes, args.num_samples, args.baseline_ddim_steps
         )
+    elif args.reuse_baseline is not None:
+        baseline = json.loads(args.reuse_baseline.read_text())["diffusion_baseline"]
+        results["diffusion_baseline"] = {
+            **baseline,
+            "reused_from": baseline.get("reused_from", args.reuse_baseline.name),
+        }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     args.figure.parent.mkdir(parents=True, exist_ok=True)
