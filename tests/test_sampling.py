@@ -29,12 +29,17 @@ def by_hand(scheduler, energy, y, noisier, timestep, noises, num_langevin_steps=
     return y
 
 
-def test_langevin_refine_is_k_steps_of_equation_5():
+def chain_inputs(num_steps):
+    """A scheduler, an EBM, a start y and x_{t+1}, and the first ``num_steps`` Langevin noises of seed 0."""
     scheduler = CDRLScheduler(num_noise_levels=3, num_langevin_steps=4)
     energy, _ = models()
     y, noisier = torch.randn(3, 4), torch.randn(3, 4)
     generator = torch.Generator().manual_seed(0)
-    noises = [torch.randn(3, 4, generator=generator) for _ in range(2)]
+    return scheduler, energy, y, noisier, [torch.randn(3, 4, generator=generator) for _ in range(num_steps)]
+
+
+def test_langevin_refine_is_k_steps_of_equation_5():
+    scheduler, energy, y, noisier, noises = chain_inputs(2)
     with frozen(energy):
         got = langevin_refine(energy, scheduler, y, noisier, 1, terms(), 2, torch.Generator().manual_seed(0))
     torch.testing.assert_close(got, by_hand(scheduler, energy, y, noisier, 1, noises, 2))
@@ -42,11 +47,7 @@ def test_langevin_refine_is_k_steps_of_equation_5():
 
 
 def test_langevin_refine_returns_the_noise_it_injected():
-    scheduler = CDRLScheduler(num_noise_levels=3, num_langevin_steps=4)
-    energy, _ = models()
-    y, noisier = torch.randn(3, 4), torch.randn(3, 4)
-    generator = torch.Generator().manual_seed(0)
-    noises = [torch.randn(3, 4, generator=generator) for _ in range(3)]
+    scheduler, energy, y, noisier, noises = chain_inputs(3)
     with frozen(energy):
         got, injected = langevin_refine(
             energy,
