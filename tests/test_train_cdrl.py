@@ -202,6 +202,7 @@ def test_attribute_columns_with_bf16_mixed_precision(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
     flags = ["--checkpointing_steps=3", "--random_flip", "--gradient_accumulation_steps=2", "--save_images_steps=3"]
+    flags.append("--lr_decay=constant")  # the killed run plans 100,000 steps: a decay would follow another schedule
     uninterrupted = tmp_path / "uninterrupted"
     train(tmp_path, uninterrupted, *flags, "--max_train_steps=6")
 
@@ -258,7 +259,7 @@ def test_divergence_skips_steps_rolls_back_then_gives_up(tmp_path):
 def test_eval_steps_logs_held_out_metrics_and_keeps_the_best_pipeline_across_a_resume(tmp_path):
     output_dir = tmp_path / "out"
     flags = ["--label_column=shape", "--eval_steps=2", "--validation_split=32", "--eval_num_samples=24"]
-    flags += ["--keep_best_metric=frechet_distance", "--checkpointing_steps=2"]
+    flags += ["--keep_best_metric=frechet_distance", "--checkpointing_steps=2", "--lr_decay=constant"]  # extended
     first = train(tmp_path, output_dir, *flags, "--max_train_steps=4")
     assert "Held out 32 images for evaluation every 2 steps" in first.stderr
     assert "penultimate features of a 'shape' classifier trained on 16 training images" in first.stderr
@@ -274,7 +275,8 @@ def test_eval_steps_logs_held_out_metrics_and_keeps_the_best_pipeline_across_a_r
     restored = re.search(r"Best frechet_distance so far: (\S+) at step (\d+)", resumed.stderr)
     assert restored is not None, resumed.stderr[-2000:]
     first_best = min(frechet, key=frechet.get)
-    assert int(restored.group(2)) == first_best and float(restored.group(1)) == pytest.approx(frechet[first_best])
+    logged = float(restored.group(1))  # printed with 6 significant digits
+    assert int(restored.group(2)) == first_best and logged == pytest.approx(frechet[first_best], rel=1e-5)
     frechet.update(scalars(output_dir, "eval/frechet_distance", "logs2"))
     assert sorted(frechet) == [2, 4, 6]
     best_step = min(frechet, key=frechet.get)
@@ -329,10 +331,11 @@ def test_time_budget_pair_weights_and_step_size_reach_the_run_and_its_export(tmp
     assert scalars(output_dir, "level_2/ebm_loss") and not scalars(output_dir, "level_0/ebm_loss")
 
 
-def test_lr_decay_follows_the_warm_up_times_the_cosine(tmp_path):
+def test_lr_decay_follows_the_warm_up_times_the_cosine_and_resumes_exactly(tmp_path):
     output_dir = tmp_path / "out"
     flags = ["--max_train_steps=4", "--lr_decay=cosine", "--lr_warmup_steps=2", "--initializer_warmup_head_start=1"]
-    train(tmp_path, output_dir, *flags, "--ebm_learning_rate=1e-3", "--initializer_learning_rate=2e-3")
+    flags += ["--ebm_learning_rate=1e-3", "--initializer_learning_rate=2e-3", "--checkpointing_steps=2"]
+    train(tmp_path, output_dir, *flags)
     cosine = [0.5 * (1 + math.cos(math.pi * step / 4)) for step in range(1, 5)]  # logged after step n: rate of n
     expected_ebm = [1e-3 * min(1, step / 2) * decay for step, decay in zip(range(1, 5), cosine)]
     expected_initializer = [2e-3 * min(1, (step + 1) / 2) * decay for step, decay in zip(range(1, 5), cosine)]
@@ -340,6 +343,12 @@ def test_lr_decay_follows_the_warm_up_times_the_cosine(tmp_path):
     assert [ebm[step] for step in range(1, 5)] == pytest.approx(expected_ebm, abs=1e-9)
     assert [initializer[step] for step in range(1, 5)] == pytest.approx(expected_initializer, abs=1e-9)
     assert "linear warm-up over 2 steps (Eq. 15), then cosine" in (output_dir / "README.md").read_text()
+    # Resuming the same planned run from step 2 continues the same schedule and the same losses.
+    shutil.rmtree(output_dir / "checkpoint-4")
+    train(tmp_path, output_dir, *flags, "--resume_from_checkpoint=latest", "--logging_dir=logs_resumed")
+    for tag in ("lr/energy_model", "lr/initializer", "train/ebm_loss"):
+        expected, resumed = scalars(output_dir, tag), scalars(output_dir, tag, "logs_resumed")
+        assert sorted(resumed) == [3, 4] and [resumed[3], resumed[4]] == [expected[3], expected[4]], tag
 
 
 def test_data_target_from_step_switches_the_initializer_target(tmp_path):
@@ -355,7 +364,7 @@ def test_data_target_from_step_switches_the_initializer_target(tmp_path):
 
 def test_frozen_initializer_is_checkpointed_and_resumes_exactly(tmp_path):
     flags = ["--initializer_target=refined", "--data_target_from_step=2", "--frozen_initializer_share=0.5"]
-    flags.append("--checkpointing_steps=3")
+    flags += ["--checkpointing_steps=3", "--lr_decay=constant"]  # the interrupted run is extended from 3 to 5 steps
     uninterrupted = tmp_path / "uninterrupted"
     train(tmp_path, uninterrupted, *flags, "--max_train_steps=5")
     card = (uninterrupted / "README.md").read_text()
