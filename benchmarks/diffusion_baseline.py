@@ -19,6 +19,19 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 
 from cdrl_diffusers.training import create_ema_model, drop_labels, ema_copy
 
+# The benchmarks' baseline: a convolutional UNet2DModel whose (32, 64) channels with two ResNet blocks per level give
+# about as many parameters as the CPU recipe's EBM and initializer together (both counts are printed and recorded), and
+# the usual diffusers training choices; the label dropout (0.1), warm-up (200 steps) and EMA decay are CDRL's.
+BASELINE_UNET = {"block_out_channels": (32, 64), "layers_per_block": 2, "norm_num_groups": 8}
+BASELINE_TRAINING = {
+    "batch_size": 64,
+    "learning_rate": 1e-3,
+    "warmup_steps": 200,
+    "label_dropout": 0.1,
+    "ema_decay": 0.9999,
+}
+BASELINE_TRAIN_TIMESTEPS = 1000
+
 
 def build_unet(
     sample_size: int,
@@ -112,6 +125,46 @@ def train_with_budget(
     elapsed = time.perf_counter() - start
     model.eval()
     return ema_copy(model, ema), BudgetedTraining(steps=len(losses), seconds=elapsed, losses=losses)
+
+
+@dataclass
+class TrainedBaseline:
+    """The EMA model of ``train_baseline``, its DDIM sampler, the training record and its description for a report."""
+
+    model: UNet2DModel
+    ddim: DDIMScheduler
+    record: BudgetedTraining
+    description: dict
+
+
+def train_baseline(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, seconds: float, **training_overrides
+) -> TrainedBaseline:
+    """The benchmarks' baseline (``BASELINE_UNET``, ``BASELINE_TRAINING`` with ``training_overrides``), trained on
+    ``images`` (N, C, H, W) in [-1, 1] with ``labels`` in [0, num_classes) for ``seconds``; seeded."""
+    torch.manual_seed(0)
+    model = build_unet(images.shape[-1], images.shape[1], num_classes, **BASELINE_UNET)
+    print(f"Diffusion baseline: {model.num_parameters():,} parameters; training for {seconds:.0f} s", flush=True)
+    ddpm = DDPMScheduler(num_train_timesteps=BASELINE_TRAIN_TIMESTEPS)
+    training = {**BASELINE_TRAINING, **training_overrides}
+    model, record = train_with_budget(model, ddpm, images, labels, seconds=seconds, **training)
+    final_loss = float(sum(record.losses[-100:]) / len(record.losses[-100:])) if record.losses else None
+    print(f"Diffusion baseline: {record.steps} steps in {record.seconds:.0f} s, final loss {final_loss}", flush=True)
+    description = {
+        "model": {"class": "UNet2DModel", **BASELINE_UNET, "num_class_embeds": model.config.num_class_embeds},
+        "parameters": model.num_parameters(),
+        "training": {
+            **training,
+            "optimizer": "AdamW",
+            "loss": "epsilon MSE",
+            "scheduler": f"DDPMScheduler({BASELINE_TRAIN_TIMESTEPS} steps)",
+            "budget_seconds": seconds,
+        },
+        "train_seconds": record.seconds,
+        "train_steps": record.steps,
+        "final_loss_mean_last_100": final_loss,
+    }
+    return TrainedBaseline(model, DDIMScheduler.from_config(ddpm.config), record, description)
 
 
 @torch.no_grad()

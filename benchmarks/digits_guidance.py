@@ -56,9 +56,9 @@ import diffusers  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
-from diffusion_baseline import build_unet, ddim_sample, train_with_budget  # noqa: E402
+from diffusion_baseline import ddim_sample, train_baseline  # noqa: E402
 
 from cdrl_diffusers import CDRLPipeline, training  # noqa: E402
 from cdrl_diffusers.data import load_digits_dataset  # noqa: E402
@@ -104,18 +104,6 @@ TRAINING_FLAGS = {
     "--checkpointing_steps": "1000",
     "--save_images_steps": "1000",
 }
-# The diffusion baseline: a convolutional UNet2DModel whose (32, 64) channels with two ResNet blocks per level give
-# about as many parameters as the recipe's EBM and initializer together (both counts are printed and recorded), and
-# the usual diffusers training choices; the label dropout, warm-up and EMA decay are the CDRL recipe's.
-BASELINE_UNET = {"block_out_channels": (32, 64), "layers_per_block": 2, "norm_num_groups": 8}
-BASELINE_TRAINING = {
-    "batch_size": 64,
-    "learning_rate": 1e-3,
-    "warmup_steps": int(TRAINING_FLAGS["--lr_warmup_steps"]),
-    "label_dropout": float(TRAINING_FLAGS["--label_dropout"]),
-    "ema_decay": 0.9999,
-}
-BASELINE_TRAIN_TIMESTEPS = 1000
 # The out-of-distribution sets of the OOD test (``shift_images``), by their names in the table.
 OOD_SETS = {
     "rotated": "rotated 90° counter-clockwise",
@@ -454,36 +442,16 @@ def run_baseline(
     args: argparse.Namespace, budget_seconds: float, digits, classifier, labels: torch.Tensor, reference
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Train the diffusion baseline on ``digits`` for ``budget_seconds``, then sweep w with guided DDIM."""
-    torch.manual_seed(0)
-    model = build_unet(16, 1, 10, **BASELINE_UNET)
-    print(
-        f"Diffusion baseline: {model.num_parameters():,} parameters; training for {budget_seconds:.0f} s", flush=True
-    )
-    ddpm = DDPMScheduler(num_train_timesteps=BASELINE_TRAIN_TIMESTEPS)
-    model, record = train_with_budget(model, ddpm, *digits, seconds=budget_seconds, **BASELINE_TRAINING)
-    final_loss = float(np.mean(record.losses[-100:])) if record.losses else None
-    print(f"Diffusion baseline: {record.steps} steps in {record.seconds:.0f} s, final loss {final_loss}", flush=True)
-    ddim = DDIMScheduler.from_config(ddpm.config)
+    baseline = train_baseline(*digits, 10, budget_seconds)
     sweep, rows = guidance_sweep(
         "DDIM",
-        lambda scale: generate_baseline(model, ddim, labels, scale, args.baseline_ddim_steps),
+        lambda scale: generate_baseline(baseline.model, baseline.ddim, labels, scale, args.baseline_ddim_steps),
         classifier,
         labels,
         reference,
     )
     section = {
-        "model": {"class": "UNet2DModel", **BASELINE_UNET, "num_class_embeds": model.config.num_class_embeds},
-        "parameters": model.num_parameters(),
-        "training": {
-            **BASELINE_TRAINING,
-            "optimizer": "AdamW",
-            "loss": "epsilon MSE",
-            "scheduler": f"DDPMScheduler({BASELINE_TRAIN_TIMESTEPS} steps)",
-            "budget_seconds": budget_seconds,
-        },
-        "train_seconds": record.seconds,
-        "train_steps": record.steps,
-        "final_loss_mean_last_100": final_loss,
+        **baseline.description,
         "sampler": f"DDIMScheduler, {args.baseline_ddim_steps} steps, eta 0",
         "guidance_sweep": sweep,
         "ood": "none: a noise-prediction model has no density to score inputs with",

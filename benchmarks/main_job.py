@@ -39,10 +39,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils import make_image_grid
-from diffusion_baseline import build_unet, ddim_sample, train_with_budget
-from digits_guidance import BASELINE_TRAIN_TIMESTEPS, BASELINE_TRAINING, BASELINE_UNET
+from diffusion_baseline import ddim_sample, train_baseline
 from downstream import as_array, detect_batch, to_model_input
 
 from cdrl_diffusers import CDRLPipeline
@@ -112,26 +110,17 @@ def diffusion_baseline(minutes: float, num_samples: int, ddim_steps: int) -> dic
     """
     dataset, _ = load_embedded_dataset("shapes", 16)
     images, _ = image_tensors(dataset, "image", 16, 3)
-    torch.manual_seed(0)
-    model = build_unet(16, 3, 1, **BASELINE_UNET)
-    ddpm = DDPMScheduler(num_train_timesteps=BASELINE_TRAIN_TIMESTEPS)
-    training = {**BASELINE_TRAINING, "label_dropout": 0.0}
     labels = torch.zeros(len(images), dtype=torch.long)
-    print(f"Diffusion baseline: {model.num_parameters():,} parameters, {minutes:g} min of training", flush=True)
     with torch.enable_grad():  # main() scores under no_grad
-        model, record = train_with_budget(model, ddpm, images, labels, seconds=60 * minutes, **training)
+        baseline = train_baseline(images, labels, 1, 60 * minutes, label_dropout=0.0)
     latents = torch.randn(num_samples, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    ddim = DDIMScheduler.from_config(ddpm.config)
-    samples = ddim_sample(model, ddim, latents, labels[:num_samples], 0.0, ddim_steps)
+    samples = ddim_sample(baseline.model, baseline.ddim, latents, labels[:num_samples], 0.0, ddim_steps)
     seconds = time.perf_counter() - start
     scores = score_samples((samples.permute(0, 2, 3, 1).numpy() + 1) / 2)
-    print(f"Diffusion baseline: {record.steps} steps; clean {scores['clean']:.3f}, pairs {scores['pairs_present']}/9")
+    print(f"Diffusion baseline: clean {scores['clean']:.3f}, pairs {scores['pairs_present']}/9")
     return {
-        "model": {"class": "UNet2DModel", **BASELINE_UNET},
-        "parameters": model.num_parameters(),
-        "training": {**training, "optimizer": "AdamW", "loss": "epsilon MSE", "budget_minutes": minutes},
-        "train_steps": record.steps,
+        **baseline.description,
         "sampler": f"DDIMScheduler, {ddim_steps} steps, eta 0",
         "samples": scores,
         "sampling_seconds_per_image": seconds / num_samples,

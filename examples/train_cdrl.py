@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--ebm_layers_per_block", type=cli_positive_int, help="EBM residual blocks per resolution.")
     model.add_argument("--ebm_embedding_dim", type=cli_positive_int, help="Width of the EBM's log-SNR embedding.")
     model.add_argument(
+        "--ebm_spectral_norm", action=argparse.BooleanOptionalAction, help="Spectral norm in the EBM (App. A.1: on)."
+    )
+    model.add_argument(
         "--initializer_channels", type=cli_positive_int_list, help="Initializer channels per resolution."
     )
     model.add_argument("--initializer_layers_per_block", type=cli_positive_int, help="Initializer blocks per level.")
@@ -222,6 +225,7 @@ def network_overrides(args: argparse.Namespace) -> tuple[dict, dict]:
     """The --ebm_* and --initializer_* flags that were given, as keyword arguments of the two networks."""
     energy = dict(block_out_channels=args.ebm_channels, layers_per_block=args.ebm_layers_per_block)
     energy["embedding_dim"] = args.ebm_embedding_dim
+    energy["use_spectral_norm"] = args.ebm_spectral_norm
     initializer = dict(block_out_channels=args.initializer_channels, norm_num_groups=args.initializer_norm_num_groups)
     initializer["layers_per_block"] = args.initializer_layers_per_block
     initializer["attention_resolutions"] = args.initializer_attention_resolutions
@@ -252,11 +256,14 @@ def launched_on_cpus_only() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
 
 
-def run_facts(args, accelerator, progress, dataset, channels, conditioning, started) -> dict[str, object]:
+def run_facts(
+    args, accelerator, progress, dataset, channels, conditioning, started, max_train_steps
+) -> dict[str, object]:
     """Facts of the run for the model card."""
     kind = "attributes (compositional)" if conditioning.offsets is not None else "class label"
     columns = f"{kind}: {', '.join(conditioning.columns)}; label dropout {args.label_dropout}"
     processes, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
+    decay = "constant" if args.lr_decay == "constant" else f"a {args.lr_decay} decay to 0 at step {max_train_steps}"
     facts = {
         "Dataset": dataset,
         "Resolution": f"{args.resolution}x{args.resolution}, {channels} channel(s)",
@@ -265,9 +272,10 @@ def run_facts(args, accelerator, progress, dataset, channels, conditioning, star
         "Batch size": f"{args.train_batch_size * processes * accumulation} ({args.train_batch_size} per device x "
         f"{processes} process(es) x {accumulation} accumulation step(s))",
         "EBM optimiser": f"Adam, lr {args.ebm_learning_rate}, betas ({args.adam_beta1}, {args.adam_beta2}), "
-        f"linear warm-up over {args.lr_warmup_steps} steps (Eq. 15), then {args.lr_decay}",
+        f"linear warm-up over {args.lr_warmup_steps} steps (Eq. 15), then {decay}",
         "Initializer optimiser": f"AdamW, lr {args.initializer_learning_rate}, weight decay "
-        f"{args.initializer_weight_decay}, warm-up {args.initializer_warmup_head_start} steps ahead (Eq. 15)",
+        f"{args.initializer_weight_decay}, warm-up {args.initializer_warmup_head_start} steps ahead (Eq. 15), "
+        f"then {decay}",
         "Gradient clipping": f"{args.max_grad_norm} per network",
         "EMA decay": args.ema_max_decay,
         "Langevin steps K": args.num_langevin_steps,
@@ -466,7 +474,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
 
     def facts() -> dict[str, object]:
         data = f"{dataset_name} ({len(dataset)} images)"
-        return run_facts(args, accelerator, progress, data, channels, conditioning, started)
+        return run_facts(args, accelerator, progress, data, channels, conditioning, started, max_train_steps)
 
     logger.info(f"***** Training on {len(dataset)} images ({dataset_name}), classes: {conditioning.class_names} *****")
     sizes = {name: f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M" for name, net in networks.items()}

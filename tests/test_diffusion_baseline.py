@@ -48,6 +48,21 @@ def test_training_stops_at_its_step_or_time_limit():
     assert timed.steps >= 1 and 0.3 <= timed.seconds < 10.0  # stopped by the clock, within one step of it
 
 
+def test_train_baseline_is_seeded_and_describes_its_run():
+    images, labels = tiny_data()
+    runs = [baseline.train_baseline(images, labels, CLASSES, 60.0, max_steps=2, batch_size=4) for _ in range(2)]
+    first, second = runs
+    assert first.record.losses == second.record.losses and first.record.steps == 2
+    for old, new in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(old, new)
+    assert first.model.config.num_class_embeds == CLASSES + 1 and first.model.config.in_channels == 1
+    assert first.ddim.config.num_train_timesteps == baseline.BASELINE_TRAIN_TIMESTEPS
+    description = first.description
+    assert description["train_steps"] == 2 and description["parameters"] == first.model.num_parameters()
+    assert description["training"]["batch_size"] == 4 and description["training"]["budget_seconds"] == 60.0
+    assert description["final_loss_mean_last_100"] == pytest.approx(sum(first.record.losses) / 2)
+
+
 def test_guided_noise_prediction_is_the_papers_mixing():
     model = tiny_unet().eval()
     sample = torch.randn(4, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))

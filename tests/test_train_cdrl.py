@@ -342,7 +342,9 @@ def test_lr_decay_follows_the_warm_up_times_the_cosine_and_resumes_exactly(tmp_p
     ebm, initializer = scalars(output_dir, "lr/energy_model"), scalars(output_dir, "lr/initializer")
     assert [ebm[step] for step in range(1, 5)] == pytest.approx(expected_ebm, abs=1e-9)
     assert [initializer[step] for step in range(1, 5)] == pytest.approx(expected_initializer, abs=1e-9)
-    assert "linear warm-up over 2 steps (Eq. 15), then cosine" in (output_dir / "README.md").read_text()
+    card = (output_dir / "README.md").read_text()
+    assert "linear warm-up over 2 steps (Eq. 15), then a cosine decay to 0 at step 4" in card
+    assert "warm-up 1 steps ahead (Eq. 15), then a cosine decay to 0 at step 4" in card
     # Resuming the same planned run from step 2 continues the same schedule and the same losses.
     shutil.rmtree(output_dir / "checkpoint-4")
     train(tmp_path, output_dir, *flags, "--resume_from_checkpoint=latest", "--logging_dir=logs_resumed")
