@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY_SIZE, tiny_pipeline
+from conftest import TINY_SIZE, QuadraticEnergy, tiny_pipeline
 from huggingface_hub import ModelCard
 
 from cdrl_diffusers import CDRLPipeline, CDRLScheduler, EnergyMLP, InitializerMLP, create_model_card
@@ -31,6 +31,20 @@ def test_unconditional_card_metadata():
     )
     assert card.data.datasets is None  # a local name, not a Hub dataset id
     assert "trained on cdrl-shapes" in card.text
+    assert "| EBM spectral norm | on (App. A.1) |" in card.text
+
+
+def test_card_leaves_out_what_a_custom_energy_model_does_not_configure():
+    pipeline = tiny_pipeline()
+    pipeline.energy_model.register_to_config(use_spectral_norm=False)
+    assert "| EBM spectral norm | off |" in create_model_card(pipeline, folder="out").text
+    custom = CDRLPipeline(
+        energy_model=QuadraticEnergy(data_dim=2),
+        initializer=InitializerMLP(data_dim=2, hidden_dim=8),
+        scheduler=CDRLScheduler(num_noise_levels=2, num_langevin_steps=1),
+    )
+    card = create_model_card(custom, folder="out")
+    assert "spectral norm" not in card.text and "| EBM parameters |" in card.text
 
 
 def test_class_conditional_card_has_no_unconditional_task():

@@ -95,8 +95,12 @@ def test_build_models_from_a_preset_with_overrides():
     assert energy_model.config.embedding_dim == 64 and energy_model.config.class_names == ["a", "b"]
     assert energy_model.config.in_channels == initializer.config.in_channels == 1
     assert energy_model.config.num_class_embeds == initializer.config.num_class_embeds == 2
-    _, unconditional_initializer = build_models("cpu", 8, 3, ["a", "b"])
-    assert unconditional_initializer.config.num_class_embeds is None
+    assert not energy_model.config.use_spectral_norm  # the CPU recipe's choice; the paper's preset keeps it
+    assert build_models("paper32", 32, 3)[0].config.use_spectral_norm
+    with_norm, unconditional_initializer = build_models(
+        "cpu", 8, 3, ["a", "b"], energy_overrides={"use_spectral_norm": True}
+    )
+    assert with_norm.config.use_spectral_norm and unconditional_initializer.config.num_class_embeds is None
     with pytest.raises(ValueError, match="preset"):
         build_models("huge", 8, 3)
     with pytest.raises(ValueError, match="embedded_dataset"):

@@ -32,8 +32,9 @@ BASE_TAGS = ("diffusers", "cdrl_diffusers", "energy-based-model", "cdrl")
 
 
 def _table(rows: Mapping[str, Any]) -> str:
+    """A two-column Markdown table of ``rows``; rows whose value is ``None`` (not applicable) are left out."""
     lines = ["| | |", "|---|---|"]
-    lines += [f"| {key} | {value} |" for key, value in rows.items()]
+    lines += [f"| {key} | {value} |" for key, value in rows.items() if value is not None]
     return "\n".join(lines)
 
 
@@ -135,6 +136,7 @@ def create_model_card(
         "Schedule": f"{scheduler_config.schedule}, log-SNR {scheduler_config.logsnr_max} to "
         f"{scheduler_config.logsnr_min}",
         "EBM parameters": f"{sum(p.numel() for p in pipeline.energy_model.parameters()) / 1e6:.2f} M",
+        "EBM spectral norm": {True: "on (App. A.1)", False: "off"}.get(energy_config.get("use_spectral_norm")),
         "Initializer parameters": f"{sum(p.numel() for p in pipeline.initializer.parameters()) / 1e6:.2f} M",
         "Classes": (", ".join(class_names) if class_names else energy_config.num_class_embeds)
         if conditional
