@@ -82,7 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--ebm_layers_per_block", type=cli_positive_int, help="EBM residual blocks per resolution.")
     model.add_argument("--ebm_embedding_dim", type=cli_positive_int, help="Width of the EBM's log-SNR embedding.")
     model.add_argument(
-        "--ebm_spectral_norm", action=argparse.BooleanOptionalAction, help="Spectral norm in the EBM (App. A.1: on)."
+        "--ebm_spectral_norm",
+        action=argparse.BooleanOptionalAction,
+        help="Spectral norm in the EBM (App. A.1: on; the cpu preset: off, which learns faster but breaks at noise "
+        "level 0 in runs beyond about twice its default length).",
     )
     model.add_argument(
         "--initializer_channels", type=cli_positive_int_list, help="Initializer channels per resolution."

@@ -251,6 +251,12 @@ def test_divergence_skips_steps_rolls_back_then_gives_up(tmp_path):
     assert "TrainingDiverged: Training diverged: 2 non-finite steps in a row up to step 3" in result.stderr
     assert "1 roll-back(s) to the last checkpoint did not help" in result.stderr
     assert scalars(output_dir, "train/skipped_step")[2] == 1 and scalars(output_dir, "train/rollbacks") == {1: 1}
+    # The message names the way to the last checkpoint's pipeline; following it exports a loadable folder.
+    hint = f"{output_dir / 'checkpoint-1'} holds the model of step 1: `--resume_from_checkpoint latest "
+    hint += "--max_train_steps 1`"
+    assert hint in result.stderr and not (output_dir / "model_index.json").exists()
+    train(tmp_path, output_dir, *flags[:3], "--resume_from_checkpoint=latest", "--max_train_steps=1")
+    assert CDRLPipeline.from_pretrained(output_dir).scheduler.config.num_noise_levels == 3
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -159,8 +159,9 @@ def test_roll_back_reloads_the_last_checkpoint_with_fresh_noise_then_gives_up(tm
     assert not torch.equal(generator_state, saved[2])  # fresh noise: a new attempt
     assert run.roll_back.consecutive_nonfinite == 0
 
-    with pytest.raises(TrainingDiverged, match="1 roll-back\\(s\\) to the last checkpoint did not help"):
+    with pytest.raises(TrainingDiverged, match="1 roll-back\\(s\\) to the last checkpoint did not help") as error:
         run.roll_back("a DivergenceError", run.progress)
+    assert "`--ebm_spectral_norm`" in str(error.value)  # the remedy measured on long runs
 
 
 def test_training_progress_keeps_the_best_metric():

@@ -260,14 +260,20 @@ class RollBack:
         """Reload the newest checkpoint (keeping the best metric seen) and reseed; returns the checkpoint's path."""
         checkpoint = resolve_checkpoint("latest", self.output_dir)
         if checkpoint is None or self.rollbacks >= self.max_rollbacks:
-            why = (
-                "there is no checkpoint to roll back to"
-                if checkpoint is None
-                else f"{self.rollbacks} roll-back(s) to the last checkpoint did not help"
-            )
+            if checkpoint is None:
+                why, kept = "there is no checkpoint to roll back to", ""
+            else:
+                step = CHECKPOINT_PATTERN.fullmatch(os.path.basename(checkpoint)).group(1)
+                why = f"{self.rollbacks} roll-back(s) to the last checkpoint did not help"
+                kept = (
+                    f" {checkpoint} holds the model of step {step}: `--resume_from_checkpoint latest "
+                    f"--max_train_steps {step}` exports its pipeline without training further."
+                )
             raise TrainingDiverged(
-                f"Training diverged: {reason} up to step {progress.global_step}, and {why}. Try lower learning "
-                "rates, `--mixed_precision no`, or check the data for NaN/inf values."
+                f"Training diverged: {reason} up to step {progress.global_step}, and {why}.{kept} For a new run, try "
+                "lower learning rates, `--mixed_precision no`, an EBM with spectral norm (`--ebm_spectral_norm`, "
+                "App. A.1: it bounds the energy's slope, which runs away at noise level 0 in long runs) or check the "
+                "data for NaN/inf values."
             )
         self.rollbacks += 1
         logger.warning(f"Rolling back to {checkpoint} with fresh noise ({self.rollbacks}/{self.max_rollbacks}).")
