@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -126,7 +128,7 @@ def main(args: argparse.Namespace) -> dict:
 
     results = {
         "description": "Sampling adjustment and initializer/EBM ablation on the digits model, scored offline.",
-        "command": "flock /tmp/cdrl_heavy.lock python benchmarks/sampling_steps.py",
+        "command": shlex.join(["python", "benchmarks/sampling_steps.py", *sys.argv[1:]]),
         "model_dir": str(args.model_dir.relative_to(REPO) if args.model_dir.is_relative_to(REPO) else args.model_dir),
         "trained_langevin_steps": trained_steps,
         "guidance_scale": args.guidance_scale,
