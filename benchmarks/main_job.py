@@ -204,7 +204,8 @@ def main(args: argparse.Namespace) -> dict:
     results = {
         "description": "The default main job (accelerate launch examples/train_cdrl.py), timed and scored.",
         "command": shlex.join(["python", "benchmarks/main_job.py", *sys.argv[1:]]),
-        "training_command": "accelerate launch examples/train_cdrl.py",
+        # With --skip_training the model was trained elsewhere: its model card facts below say how.
+        "training_command": None if args.skip_training else "accelerate launch examples/train_cdrl.py",
         "training_seconds": training_seconds,
         "model_card_facts": {
             line.split("|")[1].strip(): line.split("|")[2].strip()

@@ -84,8 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--ebm_spectral_norm",
         action=argparse.BooleanOptionalAction,
-        help="Spectral norm in the EBM (App. A.1: on; the cpu preset: off, which learns faster but breaks at noise "
-        "level 0 in runs beyond about twice its default length).",
+        help="Spectral norm in the EBM (App. A.1: on; the cpu preset: off, which learned faster there).",
     )
     model.add_argument(
         "--initializer_channels", type=cli_positive_int_list, help="Initializer channels per resolution."

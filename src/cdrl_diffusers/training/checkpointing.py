@@ -271,9 +271,9 @@ class RollBack:
                 )
             raise TrainingDiverged(
                 f"Training diverged: {reason} up to step {progress.global_step}, and {why}.{kept} For a new run, try "
-                "lower learning rates, `--mixed_precision no`, an EBM with spectral norm (`--ebm_spectral_norm`, "
-                "App. A.1: it bounds the energy's slope, which runs away at noise level 0 in long runs) or check the "
-                "data for NaN/inf values."
+                "lower learning rates (half of them held a run four times as long as the default), an EBM with "
+                "spectral norm (`--ebm_spectral_norm`, App. A.1), `--mixed_precision no`, or check the data for "
+                "NaN/inf values."
             )
         self.rollbacks += 1
         logger.warning(f"Rolling back to {checkpoint} with fresh noise ({self.rollbacks}/{self.max_rollbacks}).")
