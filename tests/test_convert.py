@@ -272,8 +272,13 @@ def small_checkpoint(request, tmp_path_factory):
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal to 1e-5 relative to the size of the reference output."""
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    """Equal to 1e-4 relative to the size of the reference output.
+
+    The two forwards compute attention with different float32 kernels (PyTorch's fused attention against an explicit
+    softmax), which round differently by up to about 2e-5 of the output's size here; a wrong mapping of any converted
+    tensor shows up at the size of the output itself.
+    """
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("use_ema", [True, False], ids=["ema", "raw"])
