@@ -161,7 +161,9 @@ def test_roll_back_reloads_the_last_checkpoint_with_fresh_noise_then_gives_up(tm
 
     with pytest.raises(TrainingDiverged, match="1 roll-back\\(s\\) to the last checkpoint did not help") as error:
         run.roll_back("a DivergenceError", run.progress)
-    assert "`--ebm_spectral_norm`" in str(error.value)  # the remedy measured on long runs
+    # The way to the newest checkpoint's pipeline, and the remedy measured on long runs first.
+    assert "`--resume_from_checkpoint latest --max_train_steps" in str(error.value)
+    assert "For a new run, try lower learning rates" in str(error.value)
 
 
 def test_training_progress_keeps_the_best_metric():
