@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "downstream"), help="Trained model folder.")
     parser.add_argument("--docs_dir", default=str(ROOT / "docs"))
     parser.add_argument("--reuse_model", action="store_true", help="Skip training when the model already exists.")
-    parser.add_argument("--max_train_steps", type=int, default=768, help="The main job's 6 epochs of 128 steps.")
+    parser.add_argument("--max_train_steps", type=int, default=1536, help="The main job's 12 epochs of 128 steps.")
     parser.add_argument("--train_batch_size", type=int, default=32)
     parser.add_argument("--num_langevin_steps", type=int, default=8, help="K for training and sampling.")
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no", help="bf16 needs AMX to pay.")
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         timings["training"] = round(train(args, model_dir), 1)
         training = (
             f"{args.max_train_steps} steps, batch {args.train_batch_size}, K = {args.num_langevin_steps}, "
-            f"{args.mixed_precision}, {timings['training'] / 60:.1f} min"
+            f"mixed precision {args.mixed_precision}, {timings['training'] / 60:.1f} min"
         )
     pipe = CDRLComposePipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)

@@ -16,9 +16,11 @@ documented rendering of ``cdrl_diffusers.data.shapes``. The scores:
   (L = 1..T), which shows at which noise levels the samples go wrong;
 - OOD: the AUROC of the level-0 ``log_density`` of held-out shapes against shifted copies of them (``shift_images``).
 
-``--baseline_minutes M`` also trains the model a user would pick instead, an unconditional diffusers DDPM (the digits
-benchmark's ``UNet2DModel``), on the same shapes for M minutes and scores its DDIM samples the same way;
-``--reuse_baseline FILE`` copies that section from an earlier results file instead.
+``--baseline`` also trains the model a user would pick instead, an unconditional diffusers DDPM (the digits
+benchmark's ``UNet2DModel``), on the same shapes for as long as CDRL's training took and on as many threads (its model
+card records them; ``accelerate launch`` gives a CPU process one), and scores its DDIM samples the same way;
+``--baseline_minutes M`` trains it for M minutes (e.g. with ``--skip_training``), and ``--reuse_baseline FILE``
+copies that section from an earlier results file instead.
 
 It writes docs/results/main_job.json and docs/figures/main_job_samples.png (samples beside training images).
 """
@@ -30,7 +32,9 @@ import collections
 import json
 import os
 import platform
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -55,7 +59,9 @@ OOD_SETS = ("uniform", "shuffled", "inverted", "rotated", "periodic")
 
 def train(output_dir: Path) -> float:
     """`accelerate launch examples/train_cdrl.py` (the README's command, plus the output folder): its seconds."""
-    command = ["accelerate", "launch", "examples/train_cdrl.py", "--output_dir", str(output_dir)]
+    # The `accelerate` of this interpreter's environment, found even when that environment is not activated.
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    command = [accelerate, "launch", "examples/train_cdrl.py", "--output_dir", str(output_dir)]
     print("Training:", shlex.join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
@@ -102,17 +108,20 @@ def clean_from_real_levels(pipeline: CDRLPipeline, real: torch.Tensor, seed: int
     return scores
 
 
-def diffusion_baseline(minutes: float, num_samples: int, ddim_steps: int) -> dict:
-    """The model a user would pick instead, on the same shapes for ``minutes``: an unconditional diffusers DDPM.
+def diffusion_baseline(minutes: float, threads: int, num_samples: int, ddim_steps: int) -> dict:
+    """The model a user would pick instead, on the same shapes for ``minutes`` on ``threads``: a diffusers DDPM.
 
     The digits benchmark's ``UNet2DModel`` and training choices (epsilon loss, AdamW, batch 64), one class and no
-    label dropout; sampled with deterministic DDIM and scored by the same detector as CDRL's samples.
+    label dropout; sampled with deterministic DDIM on the scoring threads and scored by the same detector as CDRL's.
     """
     dataset, _ = load_embedded_dataset("shapes", 16)
     images, _ = image_tensors(dataset, "image", 16, 3)
     labels = torch.zeros(len(images), dtype=torch.long)
+    scoring_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     with torch.enable_grad():  # main() scores under no_grad
         baseline = train_baseline(images, labels, 1, 60 * minutes, label_dropout=0.0)
+    torch.set_num_threads(scoring_threads)
     latents = torch.randn(num_samples, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     samples = ddim_sample(baseline.model, baseline.ddim, latents, labels[:num_samples], 0.0, ddim_steps)
@@ -121,6 +130,8 @@ def diffusion_baseline(minutes: float, num_samples: int, ddim_steps: int) -> dic
     print(f"Diffusion baseline: clean {scores['clean']:.3f}, pairs {scores['pairs_present']}/9")
     return {
         **baseline.description,
+        "training_threads": threads,
+        "sampling_threads": scoring_threads,
         "sampler": f"DDIMScheduler, {ddim_steps} steps, eta 0",
         "samples": scores,
         "sampling_seconds_per_image": seconds / num_samples,
@@ -147,22 +158,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_ood_images", type=cli_positive_int, default=512, help="Held-out shapes for OOD.")
     parser.add_argument("--threads", type=cli_positive_int, default=1, help="CPU threads for scoring.")
     parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="Also train and score a diffusers DDPM on the shapes for as long as CDRL's training took.",
+    )
+    parser.add_argument(
         "--baseline_minutes",
         type=cli_positive_float,
-        help="Also train and score a same-budget diffusers DDPM on the shapes (e.g. the CDRL run's minutes).",
+        help="Also train and score a diffusers DDPM on the shapes for this many minutes.",
     )
     parser.add_argument(
         "--reuse_baseline",
         type=Path,
         help="Copy the baseline's section from an earlier results file (it does not depend on CDRL's recipe).",
     )
+    parser.add_argument(
+        "--baseline_threads",
+        type=cli_positive_int,
+        help="The baseline's training threads (default: those of CDRL's training, from its model card).",
+    )
     parser.add_argument("--baseline_ddim_steps", type=cli_positive_int, default=50)
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "main_job.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "main_job_samples.png")
     args = parser.parse_args(argv)
+    given = [flag for flag in ("--baseline", "--baseline_minutes", "--reuse_baseline") if getattr(args, flag[2:])]
+    if len(given) > 1:
+        parser.error(f"`{given[0]}` and `{given[1]}` exclude each other.")
+    if args.baseline and args.skip_training:
+        parser.error(
+            "`--baseline` trains for CDRL's training time, which `--skip_training` does not measure: "
+            "pass `--baseline_minutes` instead."
+        )
     if args.reuse_baseline is not None:
-        if args.baseline_minutes is not None:
-            parser.error("`--reuse_baseline` and `--baseline_minutes` exclude each other.")
         try:
             reusable = "diffusion_baseline" in json.loads(args.reuse_baseline.read_text())
         except (OSError, ValueError):
@@ -201,22 +228,23 @@ def main(args: argparse.Namespace) -> dict:
     print("clean samples when levels L - 1..0 start from real noisy shapes x_L:", from_real)
     print("OOD AUROC:", {name: round(value, 3) for name, value in ood.items()})
 
+    card_facts = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in (args.output_dir / "README.md").read_text().splitlines()
+        if line.startswith("| ")
+        and line.count("|") == 3
+        and "---" not in line
+        and "!" not in line
+        and ":" not in line.split("|")[1]
+        and line.split("|")[1].strip()
+    }
     results = {
         "description": "The default main job (accelerate launch examples/train_cdrl.py), timed and scored.",
         "command": shlex.join(["python", "benchmarks/main_job.py", *sys.argv[1:]]),
         # With --skip_training the model was trained elsewhere: its model card facts below say how.
         "training_command": None if args.skip_training else "accelerate launch examples/train_cdrl.py",
         "training_seconds": training_seconds,
-        "model_card_facts": {
-            line.split("|")[1].strip(): line.split("|")[2].strip()
-            for line in (args.output_dir / "README.md").read_text().splitlines()
-            if line.startswith("| ")
-            and line.count("|") == 3
-            and "---" not in line
-            and "!" not in line
-            and ":" not in line.split("|")[1]
-            and line.split("|")[1].strip()
-        },
+        "model_card_facts": card_facts,
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
@@ -226,9 +254,12 @@ def main(args: argparse.Namespace) -> dict:
         "clean_from_real_x_L": from_real,
         "ood_auroc": ood,
     }
-    if args.baseline_minutes:
+    baseline_minutes = training_seconds / 60 if args.baseline else args.baseline_minutes
+    if baseline_minutes:
+        card_threads = re.search(r"(\d+) thread\(s\) per process", card_facts.get("Training time", ""))
+        threads = args.baseline_threads or (int(card_threads.group(1)) if card_threads else args.threads)
         results["diffusion_baseline"] = diffusion_baseline(
-            args.baseline_minutes, args.num_samples, args.baseline_ddim_steps
+            baseline_minutes, threads, args.num_samples, args.baseline_ddim_steps
         )
     elif args.reuse_baseline is not None:
         baseline = json.loads(args.reuse_baseline.read_text())["diffusion_baseline"]

@@ -94,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--initializer_attention_resolutions", type=cli_positive_int_list, help="e.g. 16,8 ('' for none)."
     )
     model.add_argument("--initializer_norm_num_groups", type=cli_positive_int, help="Initializer group-norm groups.")
+    model.add_argument("--initializer_dropout", type=cli_fraction, help="Dropout in the initializer's blocks.")
     model.add_argument("--num_noise_levels", type=cli_positive_int, default=6, help="T (paper: 6).")
     model.add_argument("--num_langevin_steps", type=cli_positive_int, default=8, help="K (paper: 15).")
     model.add_argument(
@@ -102,12 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     optim = parser.add_argument_group("optimisation (App. A.2)")
     optim.add_argument("--train_batch_size", type=cli_positive_int, default=32, help="Batch size per device.")
-    optim.add_argument("--num_epochs", type=cli_positive_int, default=6, help="Passes over the data.")
+    optim.add_argument("--num_epochs", type=cli_positive_int, default=12, help="Passes over the data.")
     optim.add_argument("--max_train_steps", type=cli_positive_int, help="Optimisation steps; overrides --num_epochs.")
     optim.add_argument("--max_train_minutes", type=cli_positive_float, help="Also stop after this much training.")
     optim.add_argument("--gradient_accumulation_steps", type=cli_positive_int, default=1)
-    optim.add_argument("--ebm_learning_rate", type=cli_positive_float, default=5e-4, help="EBM Adam (paper: 1e-4).")
-    optim.add_argument("--initializer_learning_rate", type=cli_positive_float, default=1e-3, help="(paper: 1e-5).")
+    optim.add_argument("--ebm_learning_rate", type=cli_positive_float, default=2.5e-4, help="EBM Adam (paper: 1e-4).")
+    optim.add_argument("--initializer_learning_rate", type=cli_positive_float, default=5e-4, help="(paper: 1e-5).")
     optim.add_argument("--lr_warmup_steps", type=cli_non_negative_int, default=200, help="Eq. 15 (paper: 10000).")
     optim.add_argument("--initializer_warmup_head_start", type=cli_non_negative_int, default=500, help="Eq. 15.")
     optim.add_argument(
@@ -231,6 +232,7 @@ def network_overrides(args: argparse.Namespace) -> tuple[dict, dict]:
     initializer = dict(block_out_channels=args.initializer_channels, norm_num_groups=args.initializer_norm_num_groups)
     initializer["layers_per_block"] = args.initializer_layers_per_block
     initializer["attention_resolutions"] = args.initializer_attention_resolutions
+    initializer["dropout"] = args.initializer_dropout
     given = ({key: value for key, value in kwargs.items() if value is not None} for kwargs in (energy, initializer))
     return tuple(given)
 
@@ -292,6 +294,8 @@ def run_facts(
         "Skipped non-finite steps": progress.nonfinite_steps,
         "Training time": f"{(time.time() - started) / 60:.1f} min on {processes} x {accelerator.device.type}",
     }
+    if accelerator.device.type == "cpu":  # `accelerate launch` gives each CPU process OMP_NUM_THREADS=1 unless told
+        facts["Training time"] += f", {torch.get_num_threads()} thread(s) per process"
     if accelerator.mixed_precision == "fp16":
         facts["fp16 overflow steps (skipped by the loss scaler)"] = progress.overflow_steps
     if progress.best_step is not None:

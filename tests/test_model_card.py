@@ -32,6 +32,7 @@ def test_unconditional_card_metadata():
     assert card.data.datasets is None  # a local name, not a Hub dataset id
     assert "trained on cdrl-shapes" in card.text
     assert "| EBM spectral norm | on (App. A.1) |" in card.text
+    assert "| Initializer dropout | 0.1 |" in card.text  # InitializerUNet's default, as App. A.1
 
 
 def test_card_leaves_out_what_a_custom_energy_model_does_not_configure():
@@ -45,6 +46,7 @@ def test_card_leaves_out_what_a_custom_energy_model_does_not_configure():
     )
     card = create_model_card(custom, folder="out")
     assert "spectral norm" not in card.text and "| EBM parameters |" in card.text
+    assert "dropout" not in card.text  # the MLP initializer has none
 
 
 def test_class_conditional_card_has_no_unconditional_task():

@@ -324,16 +324,29 @@ def test_torchrun_two_cpu_processes(tmp_path):
     )
 
 
-def test_time_budget_pair_weights_step_size_and_spectral_norm_reach_the_run_and_its_export(tmp_path):
+def test_time_budget_pair_weights_step_size_spectral_norm_and_dropout_reach_the_run_and_its_export(tmp_path):
     output_dir = tmp_path / "out"
     flags = ["--max_train_steps=100000", "--max_train_minutes=0.002", "--langevin_step_size_scale=1e-3"]
-    train(tmp_path, output_dir, *flags, "--ebm_spectral_norm", "--level_sampling_weights", "0", "0", "1")
+    train(
+        tmp_path,
+        output_dir,
+        *flags,
+        "--ebm_spectral_norm",
+        "--initializer_dropout=0.2",
+        "--level_sampling_weights",
+        "0",
+        "0",
+        "1",
+    )
     card = (output_dir / "README.md").read_text()
     steps = int(re.search(r"Optimisation steps \| (\d+)", card).group(1))
     assert 1 <= steps < 100  # stopped by the 0.12 s budget, long before --max_train_steps
     assert "Pair sampling weights | 0, 0, 1" in card and "Langevin step size scale c | 0.001" in card
+    assert "| EBM spectral norm | on (App. A.1) |" in card and "| Initializer dropout | 0.2 |" in card
+    assert re.search(r"Training time \| [\d.]+ min on 1 x cpu, \d+ thread\(s\) per process \|", card)
     pipe = CDRLPipeline.from_pretrained(output_dir)
     assert pipe.scheduler.config.langevin_step_size_scale == 1e-3 and pipe.energy_model.config.use_spectral_norm
+    assert pipe.initializer.config.dropout == 0.2  # the cpu preset has none
     # Only pair 2 was drawn: levels 0 and 1 never logged a statistic.
     assert scalars(output_dir, "level_2/ebm_loss") and not scalars(output_dir, "level_0/ebm_loss")
 

@@ -138,6 +138,7 @@ def create_model_card(
         "EBM parameters": f"{sum(p.numel() for p in pipeline.energy_model.parameters()) / 1e6:.2f} M",
         "EBM spectral norm": {True: "on (App. A.1)", False: "off"}.get(energy_config.get("use_spectral_norm")),
         "Initializer parameters": f"{sum(p.numel() for p in pipeline.initializer.parameters()) / 1e6:.2f} M",
+        "Initializer dropout": pipeline.initializer.config.get("dropout"),
         "Classes": (", ".join(class_names) if class_names else energy_config.num_class_embeds)
         if conditional
         else "none",

@@ -271,7 +271,7 @@ class RollBack:
                 )
             raise TrainingDiverged(
                 f"Training diverged: {reason} up to step {progress.global_step}, and {why}.{kept} For a new run, try "
-                "lower learning rates (half of them held a run four times as long as the default), an EBM with "
+                "lower learning rates (halving both held shapes runs that had diverged), an EBM with "
                 "spectral norm (`--ebm_spectral_norm`, App. A.1), `--mixed_precision no`, or check the data for "
                 "NaN/inf values."
             )

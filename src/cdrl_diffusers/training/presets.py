@@ -24,11 +24,15 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "embedding_dim": 64,
             "use_spectral_norm": False,
         },
+        # No dropout (App. A.1 has 0.1): on a CPU dropout's random masks cost 40 % of the initializer's forward pass
+        # and its regularisation is not needed in runs of a few thousand steps (shapes: 0.500 clean at 768 steps and
+        # 10 % less time, against 0.491 with it).
         "initializer": {
             "block_out_channels": (32, 64),
             "layers_per_block": 1,
             "attention_resolutions": (),
             "norm_num_groups": 8,
+            "dropout": 0.0,
         },
     },
     "paper32": {"energy_model": {}, "initializer": {}},
