@@ -327,17 +327,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
 def test_time_budget_pair_weights_step_size_spectral_norm_and_dropout_reach_the_run_and_its_export(tmp_path):
     output_dir = tmp_path / "out"
     flags = ["--max_train_steps=100000", "--max_train_minutes=0.002", "--langevin_step_size_scale=1e-3"]
-    train(
-        tmp_path,
-        output_dir,
-        *flags,
-        "--ebm_spectral_norm",
-        "--initializer_dropout=0.2",
-        "--level_sampling_weights",
-        "0",
-        "0",
-        "1",
-    )
+    flags += ["--ebm_spectral_norm", "--initializer_dropout=0.2", "--level_sampling_weights", "0", "0", "1"]
+    train(tmp_path, output_dir, *flags)
     card = (output_dir / "README.md").read_text()
     steps = int(re.search(r"Optimisation steps \| (\d+)", card).group(1))
     assert 1 <= steps < 100  # stopped by the 0.12 s budget, long before --max_train_steps

@@ -97,6 +97,7 @@ def test_build_models_from_a_preset_with_overrides():
     assert energy_model.config.num_class_embeds == initializer.config.num_class_embeds == 2
     assert not energy_model.config.use_spectral_norm  # the CPU recipe's choice; the paper's preset keeps it
     assert build_models("paper32", 32, 3)[0].config.use_spectral_norm
+    assert initializer.config.dropout == 0.0 and build_models("paper32", 32, 3)[1].config.dropout == 0.1  # App. A.1
     with_norm, unconditional_initializer = build_models(
         "cpu", 8, 3, ["a", "b"], energy_overrides={"use_spectral_norm": True}
     )
