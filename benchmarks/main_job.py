@@ -32,7 +32,6 @@ import collections
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -47,7 +46,7 @@ from diffusers.utils import make_image_grid
 from diffusion_baseline import ddim_sample, train_baseline
 from downstream import as_array, detect_batch, to_model_input
 
-from cdrl_diffusers import CDRLPipeline
+from cdrl_diffusers import CDRLPipeline, read_model_card_section
 from cdrl_diffusers.data import COLORS, SHAPES, load_shapes_dataset
 from cdrl_diffusers.evaluation import ood_auroc, shift_images
 from cdrl_diffusers.training import image_tensors, load_embedded_dataset
@@ -119,9 +118,11 @@ def diffusion_baseline(minutes: float, threads: int, num_samples: int, ddim_step
     labels = torch.zeros(len(images), dtype=torch.long)
     scoring_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    with torch.enable_grad():  # main() scores under no_grad
-        baseline = train_baseline(images, labels, 1, 60 * minutes, label_dropout=0.0)
-    torch.set_num_threads(scoring_threads)
+    try:
+        with torch.enable_grad():  # main() scores under no_grad
+            baseline = train_baseline(images, labels, 1, 60 * minutes, label_dropout=0.0)
+    finally:
+        torch.set_num_threads(scoring_threads)
     latents = torch.randn(num_samples, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     samples = ddim_sample(baseline.model, baseline.ddim, latents, labels[:num_samples], 0.0, ddim_steps)
@@ -229,14 +230,8 @@ def main(args: argparse.Namespace) -> dict:
     print("OOD AUROC:", {name: round(value, 3) for name, value in ood.items()})
 
     card_facts = {
-        line.split("|")[1].strip(): line.split("|")[2].strip()
-        for line in (args.output_dir / "README.md").read_text().splitlines()
-        if line.startswith("| ")
-        and line.count("|") == 3
-        and "---" not in line
-        and "!" not in line
-        and ":" not in line.split("|")[1]
-        and line.split("|")[1].strip()
+        **read_model_card_section(args.output_dir, "Model"),
+        **read_model_card_section(args.output_dir, "Training"),
     }
     results = {
         "description": "The default main job (accelerate launch examples/train_cdrl.py), timed and scored.",
@@ -256,8 +251,7 @@ def main(args: argparse.Namespace) -> dict:
     }
     baseline_minutes = training_seconds / 60 if args.baseline else args.baseline_minutes
     if baseline_minutes:
-        card_threads = re.search(r"(\d+) thread\(s\) per process", card_facts.get("Training time", ""))
-        threads = args.baseline_threads or (int(card_threads.group(1)) if card_threads else args.threads)
+        threads = args.baseline_threads or int(card_facts.get("CPU threads per process", args.threads))
         results["diffusion_baseline"] = diffusion_baseline(
             baseline_minutes, threads, args.num_samples, args.baseline_ddim_steps
         )

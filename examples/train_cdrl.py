@@ -295,7 +295,7 @@ def run_facts(
         "Training time": f"{(time.time() - started) / 60:.1f} min on {processes} x {accelerator.device.type}",
     }
     if accelerator.device.type == "cpu":  # `accelerate launch` gives each CPU process OMP_NUM_THREADS=1 unless told
-        facts["Training time"] += f", {torch.get_num_threads()} thread(s) per process"
+        facts["CPU threads per process"] = torch.get_num_threads()
     if accelerator.mixed_precision == "fp16":
         facts["fp16 overflow steps (skipped by the loss scaler)"] = progress.overflow_steps
     if progress.best_step is not None:

@@ -11,7 +11,14 @@ import pytest
 from conftest import TINY_SIZE, QuadraticEnergy, tiny_pipeline
 from huggingface_hub import ModelCard
 
-from cdrl_diffusers import CDRLPipeline, CDRLScheduler, EnergyMLP, InitializerMLP, create_model_card
+from cdrl_diffusers import (
+    CDRLPipeline,
+    CDRLScheduler,
+    EnergyMLP,
+    InitializerMLP,
+    create_model_card,
+    read_model_card_section,
+)
 
 CLASS_NAMES = ["circle", "square", "triangle"]
 
@@ -105,3 +112,15 @@ def test_the_usage_snippet_runs_as_written(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok") and (tmp_path / "sample.png").is_file()
+
+
+def test_card_sections_read_back_as_written(tmp_path):
+    details = {"Optimisation steps": 1792, "Training time": "13.8 min on 1 x cpu", "Odd | value": "a | b"}
+    card = create_model_card(tiny_pipeline(), folder="out", training_details=details, evaluation={"FD": 2.41})
+    assert read_model_card_section(card, "Training") == {key: str(value) for key, value in details.items()}
+    card.save(tmp_path / "README.md")
+    assert read_model_card_section(tmp_path, "Evaluation") == {"FD": "2.41"}  # a model folder
+    model = read_model_card_section(tmp_path / "README.md", "Model")
+    assert model["Noise levels T"] == str(tiny_pipeline().scheduler.config.num_noise_levels)
+    with pytest.raises(ValueError, match="no '## Training' table"):
+        read_model_card_section(create_model_card(tiny_pipeline(), folder="out"), "Training")

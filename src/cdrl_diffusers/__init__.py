@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from .acceleration import fold_spectral_norm
 from .guidance import ConditionWeights
-from .model_card import create_model_card
+from .model_card import create_model_card, read_model_card_section
 from .models import EnergyMLP, EnergyModel, EnergyModelOutput, InitializerMLP, InitializerOutput, InitializerUNet
 from .pipelines import CDRLComposePipeline, CDRLInpaintPipeline, CDRLPipeline
 from .schedulers import CDRLScheduler, LangevinCoefficients
@@ -38,6 +38,7 @@ __all__ = [
     "cdrl_training_step",
     "create_ema_model",
     "create_model_card",
+    "read_model_card_section",
     "drop_labels",
     "fold_spectral_norm",
     "decay_multiplier",

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -34,8 +36,13 @@ BASE_TAGS = ("diffusers", "cdrl_diffusers", "energy-based-model", "cdrl")
 def _table(rows: Mapping[str, Any]) -> str:
     """A two-column Markdown table of ``rows``; rows whose value is ``None`` (not applicable) are left out."""
     lines = ["| | |", "|---|---|"]
-    lines += [f"| {key} | {value} |" for key, value in rows.items() if value is not None]
+    lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in rows.items() if value is not None]
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    """A table cell: pipes escaped, so that a value never splits its row."""
+    return str(value).replace("|", "\\|")
 
 
 def _hub_id(value: str | None, name: str) -> str | None:
@@ -176,3 +183,26 @@ def create_model_card(
         sections += ["## Evaluation", _table(evaluation)]
     sections += ["## Citation", f"```bibtex\n{CITATION}\n```"]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def read_model_card_section(card: ModelCard | str | os.PathLike, section: str) -> dict[str, str]:
+    """The two-column table under ``## {section}`` of a card written by :func:`create_model_card`, as strings.
+
+    ``card`` is a ``ModelCard``, or the path of a model folder or of its README.md. Sections: "Model", "Training"
+    (the ``training_details`` a training run recorded, e.g. "Optimisation steps") and "Evaluation". Raises
+    ``ValueError`` when the card has no such section.
+    """
+    if isinstance(card, ModelCard):
+        text = card.text
+    else:
+        path = Path(card)
+        text = (path / "README.md" if path.is_dir() else path).read_text(encoding="utf-8")
+    header = rf"^## {re.escape(section)}\n\n\| \| \|\n\|---\|---\|\n"
+    match = re.search(header + r"((?:\|.*\|(?:\n|$))*)", text, re.MULTILINE)
+    if match is None:
+        raise ValueError(f"`card` has no '## {section}' table.")
+    rows = {}
+    for line in match.group(1).splitlines():
+        key, value = re.split(r"(?<!\\)\|", line)[1:3]
+        rows[key.strip().replace("\\|", "|")] = value.strip().replace("\\|", "|")
+    return rows
