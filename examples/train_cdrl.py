@@ -96,18 +96,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--initializer_norm_num_groups", type=cli_positive_int, help="Initializer group-norm groups.")
     model.add_argument("--initializer_dropout", type=cli_fraction, help="Dropout in the initializer's blocks.")
     model.add_argument("--num_noise_levels", type=cli_positive_int, default=6, help="T (paper: 6).")
-    model.add_argument("--num_langevin_steps", type=cli_positive_int, default=4, help="K (paper: 15).")
+    model.add_argument("--num_langevin_steps", type=cli_positive_int, default=2, help="K (paper: 15).")
     model.add_argument(
         "--langevin_step_size_scale", type=cli_positive_float, default=4e-4, help="c of s_t (App. A.2; paper: 4e-4)."
     )
 
     optim = parser.add_argument_group("optimisation (App. A.2)")
     optim.add_argument("--train_batch_size", type=cli_positive_int, default=32, help="Batch size per device.")
-    optim.add_argument("--num_epochs", type=cli_positive_int, default=14, help="Passes over the data.")
+    optim.add_argument("--num_epochs", type=cli_positive_int, default=24, help="Passes over the data.")
     optim.add_argument("--max_train_steps", type=cli_positive_int, help="Optimisation steps; overrides --num_epochs.")
     optim.add_argument("--max_train_minutes", type=cli_positive_float, help="Also stop after this much training.")
     optim.add_argument("--gradient_accumulation_steps", type=cli_positive_int, default=1)
-    optim.add_argument("--ebm_learning_rate", type=cli_positive_float, default=2.5e-4, help="EBM Adam (paper: 1e-4).")
+    optim.add_argument("--ebm_learning_rate", type=cli_positive_float, default=1.25e-4, help="EBM Adam (paper: 1e-4).")
     optim.add_argument("--initializer_learning_rate", type=cli_positive_float, default=5e-4, help="(paper: 1e-5).")
     optim.add_argument("--lr_warmup_steps", type=cli_non_negative_int, default=200, help="Eq. 15 (paper: 10000).")
     optim.add_argument("--initializer_warmup_head_start", type=cli_non_negative_int, default=500, help="Eq. 15.")

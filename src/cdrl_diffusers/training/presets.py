@@ -26,9 +26,11 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         # No dropout (App. A.1 has 0.1): on a CPU dropout's random masks cost 40 % of the initializer's forward pass
         # and its regularisation is not needed in runs of a few thousand steps (shapes: 0.500 clean at 768 steps and
-        # 11 % less time per step, against 0.491 with it).
+        # 11 % less time per step, against 0.491 with it). Channels (16, 32): a quarter of the arithmetic of (32, 64)
+        # and a training step 38 % cheaper; in the same time (22 epochs against 14) the shapes scored 0.715 / 0.714
+        # clean on two seeds, against 0.670 / 0.569 (docs/training.md).
         "initializer": {
-            "block_out_channels": (32, 64),
+            "block_out_channels": (16, 32),
             "layers_per_block": 1,
             "attention_resolutions": (),
             "norm_num_groups": 8,
