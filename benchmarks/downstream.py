@@ -3,10 +3,13 @@
 
     flock /tmp/cdrl_heavy.lock python benchmarks/downstream.py      # trains (CPU), evaluates, writes docs/
 
-1. Trains a compositional model with ``examples/train_cdrl.py --attribute_columns shape color`` (Sec. 4.5: every
-   image is assigned to the class of one randomly picked attribute; conditional EBM, unconditional initializer).
+1. Trains a compositional model with ``examples/train_cdrl.py --attribute_columns shape color
+   --conditional_initializer`` (Sec. 4.5: every image is assigned to the class of one randomly picked attribute;
+   conditional EBM; the initializer conditional too, so that its proposals can be composed;
+   ``--no-conditional_initializer`` trains the paper's unconditional one).
 2. Composition: for each of the 9 (shape, colour) pairs, samples with Eq. 14 and with the product of experts
-   (Du et al., 2020) at w in {0, 1, 3}; a detector that needs no learning measures shape and colour from the
+   (Du et al., 2020) at w in {0, 1, 3}, each with the initializer's unconditional proposals (the paper's) and with
+   its proposals composed by the same weights; a detector that needs no learning measures shape and colour from the
    pixels (it follows the documented rendering of ``cdrl_diffusers.data.shapes``) and gives the accuracy.
 3. Inpainting (App. C): held-out images with their right half masked, several seeds each; squared error on the
    masked region and attribute recovery, against filling the region with the training set's mean image or black.
@@ -39,7 +42,15 @@ from cdrl_diffusers.validation import cli_positive_int
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 16
 GUIDANCE_SCALES = (0.0, 1.0, 3.0)
-METHODS = {"eq14": "Eq. 14", "poe": "product of experts"}
+# Composition methods: the energies' rule (Eq. 14, or the product of experts without its negative unconditional term),
+# and whether the initializer's proposals are composed by the same weights (a class-conditional initializer, trained
+# with --conditional_initializer) or come from its unconditional term, as in the paper.
+METHODS = {
+    "eq14": ("Eq. 14", False, False),
+    "poe": ("product of experts", True, False),
+    "eq14_ci": ("Eq. 14, composed initializer", False, True),
+    "poe_ci": ("product of experts, composed initializer", True, True),
+}
 
 # Pixel-based attribute detector (see the rendering rules in cdrl_diffusers/data/shapes.py): the background is
 # black and every colour has a channel >= 200, so a pixel is foreground when its brightest channel exceeds half of
@@ -144,7 +155,8 @@ def training_command(args: argparse.Namespace, model_dir: Path) -> list[str]:
         f"--seed={args.seed}",
         f"--output_dir={model_dir}",
     ]
-    return command + [f"--{name}={getattr(args, name)}" for name in TRAINING_FLAGS if getattr(args, name) is not None]
+    command += [f"--{name}={getattr(args, name)}" for name in TRAINING_FLAGS if getattr(args, name) is not None]
+    return command + ["--conditional_initializer"] if args.conditional_initializer else command
 
 
 def train(args: argparse.Namespace, model_dir: Path) -> float:
@@ -169,27 +181,35 @@ def network_precision(args: argparse.Namespace) -> torch.autocast:
 
 
 def compose_samples(args, pipe, concepts, method, guidance_scale, seed) -> np.ndarray:
+    _, product_of_experts, compose_initializer = METHODS[method]
     with network_precision(args):
         return pipe(
             concepts,
             guidance_scale=guidance_scale,
             batch_size=args.num_compose_samples,
             generator=torch.Generator().manual_seed(seed),
-            product_of_experts=method == "poe",
+            product_of_experts=product_of_experts,
+            compose_initializer=compose_initializer,
             output_type="np",
         ).images
+
+
+def composition_methods(pipe: CDRLComposePipeline) -> list[str]:
+    """The methods of METHODS this model can run: a composed initializer needs a class-conditional one."""
+    conditional = pipe.initializer.config.num_class_embeds is not None
+    return [method for method, (_, _, composed) in METHODS.items() if conditional or not composed]
 
 
 def composition(args: argparse.Namespace, pipe: CDRLComposePipeline, figures: Path) -> dict:
     """Accuracy of both attributes (and of each) over the 9 (shape, colour) pairs, per method and w.
 
-    Both methods use the same seeds, so their samples are paired; ``paired`` counts the samples that only one of
+    All methods use the same seeds, so their samples are paired; ``paired`` counts the samples that only one of
     them gets right.
     """
     pairs = [(shape, colour) for shape in SHAPES for colour in COLORS]
     results: dict = {}
     correct: dict[str, np.ndarray] = {}
-    for method in METHODS:
+    for method in composition_methods(pipe):
         for guidance_scale in GUIDANCE_SCALES:
             grid, found, shapes, colours, both = [], [], [], [], []
             for index, (shape, colour) in enumerate(pairs):
@@ -213,7 +233,7 @@ def composition(args: argparse.Namespace, pipe: CDRLComposePipeline, figures: Pa
                 "found": float(np.mean(found)),
                 "num_samples": len(both),
             }
-            print(f"composition, {METHODS[method]}, w = {guidance_scale:g}: {results[key]}", flush=True)
+            print(f"composition, {METHODS[method][0]}, w = {guidance_scale:g}: {results[key]}", flush=True)
             save_grid(np.concatenate(grid), len(pairs), figures / f"downstream_compose_{key}.png")
     for guidance_scale in GUIDANCE_SCALES:
         eq14, poe = correct[f"eq14_w{guidance_scale:g}"], correct[f"poe_w{guidance_scale:g}"]
@@ -365,15 +385,17 @@ def markdown(report: dict) -> str:
     lines += [
         "## Two-attribute composition accuracy",
         "",
-        f"{report['settings']['num_compose_samples']} samples per (shape, colour) pair, 9 pairs; both methods use "
+        f"{report['settings']['num_compose_samples']} samples per (shape, colour) pair, 9 pairs; all methods use "
         "the same seeds. Both attributes: accuracy ± binomial standard error.",
         "",
         "| method | w | both attributes | shape | colour | clean shape |",
         "|---|---|---|---|---|---|",
     ]
-    for method, name in METHODS.items():
+    for method, (name, _, _) in METHODS.items():
         for guidance_scale in GUIDANCE_SCALES:
-            row = report["composition"][f"{method}_w{guidance_scale:g}"]
+            row = report["composition"].get(f"{method}_w{guidance_scale:g}")
+            if row is None:
+                continue
             lines.append(
                 f"| {name} | {guidance_scale:g} | {row['both']:.3f} ± {row['both_standard_error']:.3f} | "
                 f"{row['shape']:.3f} | {row['color']:.3f} | {row['found']:.3f} |"
@@ -440,6 +462,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--train_batch_size", type=cli_positive_int)
     training.add_argument("--num_langevin_steps", type=cli_positive_int, help="K for training and sampling.")
     training.add_argument("--mixed_precision", choices=["no", "bf16"], help="bf16 needs AMX to pay.")
+    training.add_argument(
+        "--conditional_initializer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Train a class-conditional initializer, so that compositions can compose its proposals too.",
+    )
     parser.add_argument("--num_compose_samples", type=int, default=64, help="Samples per (shape, colour) pair.")
     parser.add_argument("--num_inpaint_images", type=int, default=64)
     parser.add_argument("--num_inpaint_seeds", type=int, default=4)

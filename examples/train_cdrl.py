@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--image_column", type=str, default="image", help="The column holding the images.")
     data.add_argument("--label_column", type=str, help="Train a class-conditional model on this column (Sec. 3.5).")
     data.add_argument("--attribute_columns", nargs="+", help="Compositional training on these columns (Sec. 4.5).")
+    data.add_argument(
+        "--conditional_initializer",
+        action="store_true",
+        help="With --attribute_columns: a class-conditional initializer, composable at sampling (the paper's: none).",
+    )
     data.add_argument("--resolution", type=cli_positive_int, default=16, help="Images are resized and cropped to it.")
     data.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a random crop).")
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
@@ -197,6 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --eval_num_samples: expected at least 2, got {args.eval_num_samples}")
     if args.keep_best_metric is not None and args.eval_steps is None:
         parser.error("--keep_best_metric needs --eval_steps: the metric is computed by the evaluation")
+    if args.conditional_initializer and not args.attribute_columns:
+        parser.error("--conditional_initializer is for --attribute_columns (a --label_column model always has one)")
     if args.keep_best_metric == "accuracy" and not args.label_column:
         parser.error("--keep_best_metric accuracy needs a class-conditional model (--label_column)")
     if args.validation_split is None and args.eval_steps is not None:
@@ -219,7 +226,9 @@ def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset | None, str, t
     else:
         dataset, name = training.load_embedded_dataset(args.embedded_dataset or "shapes", args.resolution)
     training.check_column(dataset, args.image_column, "--image_column")
-    dataset, conditioning = training.conditioning_for(dataset, args.label_column, args.attribute_columns)
+    dataset, conditioning = training.conditioning_for(
+        dataset, args.label_column, args.attribute_columns, args.conditional_initializer
+    )
     dataset, validation = training.split_dataset(dataset, args.validation_split, args.max_train_samples, args.seed)
     return dataset, validation, name, conditioning
 
@@ -265,7 +274,10 @@ def run_facts(
 ) -> dict[str, object]:
     """Facts of the run for the model card."""
     kind = "attributes (compositional)" if conditioning.offsets is not None else "class label"
-    columns = f"{kind}: {', '.join(conditioning.columns)}; label dropout {args.label_dropout}"
+    initializer = "conditional" if conditioning.conditional_initializer else "unconditional"
+    columns = (
+        f"{kind}: {', '.join(conditioning.columns)}; label dropout {args.label_dropout}; {initializer} initializer"
+    )
     processes, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
     decay = "constant" if args.lr_decay == "constant" else f"a {args.lr_decay} decay to 0 at step {max_train_steps}"
     facts = {

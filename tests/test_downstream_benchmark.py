@@ -3,6 +3,7 @@
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from conftest import tiny_pipeline
 
@@ -29,11 +30,15 @@ def test_training_passes_on_only_the_flags_given(tmp_path):
     assert not any(
         flag.startswith(("--max_train_steps", "--num_langevin_steps", "--mixed_precision")) for flag in command
     )
-    assert command[-1] == f"--output_dir={tmp_path}" and "--attribute_columns" in command
+    assert (
+        command[-2:] == [f"--output_dir={tmp_path}", "--conditional_initializer"] and "--attribute_columns" in command
+    )
+    paper = downstream.training_command(downstream.parse_args(["--no-conditional_initializer"]), tmp_path)
+    assert paper == command[:-1]
     given = downstream.training_command(
         downstream.parse_args(["--max_train_steps", "7", "--num_langevin_steps", "2"]), tmp_path
     )
-    assert given[-2:] == ["--max_train_steps=7", "--num_langevin_steps=2"]
+    assert given[-3:-1] == ["--max_train_steps=7", "--num_langevin_steps=2"]
 
 
 def test_training_summary_reads_the_trained_models_card(tmp_path):
@@ -41,3 +46,10 @@ def test_training_summary_reads_the_trained_models_card(tmp_path):
     create_model_card(tiny_pipeline(), folder=tmp_path, training_details=details).save(tmp_path / "README.md")
     summary = downstream.training_summary(tmp_path)
     assert summary == "Optimisation steps: 1792; Langevin steps K: 4; Training time: 12.9 min on 1 x cpu"
+
+
+def test_composed_initializer_methods_only_for_a_conditional_initializer():
+    unconditional = SimpleNamespace(initializer=SimpleNamespace(config=SimpleNamespace(num_class_embeds=None)))
+    conditional = SimpleNamespace(initializer=SimpleNamespace(config=SimpleNamespace(num_class_embeds=6)))
+    assert downstream.composition_methods(unconditional) == ["eq14", "poe"]
+    assert downstream.composition_methods(conditional) == ["eq14", "poe", "eq14_ci", "poe_ci"]

@@ -20,7 +20,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from cdrl_diffusers import CDRLPipeline, read_model_card_section
+from cdrl_diffusers import CDRLComposePipeline, CDRLPipeline, read_model_card_section
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_cdrl.py"
 # Tiny networks at 8x8, 16 training images, 2 Langevin steps: each run takes seconds.
@@ -195,6 +195,26 @@ def test_attribute_columns_with_bf16_mixed_precision(tmp_path):
     assert pipe.initializer.config.num_class_embeds is None  # unconditional initializer (Sec. 4.5)
     assert all(np.isfinite(list(scalars(output_dir, "train/ebm_loss").values())))
     assert "Mixed precision | bf16" in (output_dir / "README.md").read_text()
+
+
+def test_attribute_columns_with_a_composable_conditional_initializer(tmp_path):
+    output_dir = tmp_path / "out"
+    train(
+        tmp_path,
+        output_dir,
+        "--attribute_columns",
+        "shape",
+        "color",
+        "--conditional_initializer",
+        "--max_train_steps=2",
+    )
+    pipe = CDRLComposePipeline.from_pretrained(output_dir)
+    assert pipe.initializer.config.num_class_embeds == pipe.energy_model.config.num_class_embeds == 6
+    assert "conditional initializer" in read_model_card_section(output_dir, "Training")["Conditioning"]
+    concepts = ["shape=circle", "color=red"]
+    composed = pipe(concepts, batch_size=2, compose_initializer=True, generator=torch.manual_seed(0), output_type="pt")
+    plain = pipe(concepts, batch_size=2, generator=torch.manual_seed(0), output_type="pt")
+    assert torch.isfinite(composed.images).all() and not torch.equal(composed.images, plain.images)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -404,6 +424,7 @@ BAD_FLAGS = {
     "--max_grad_norm=-1": "argument --max_grad_norm: expected a finite number > 0, got '-1'",
     "--initializer_warmup_head_start=-5": "argument --initializer_warmup_head_start: expected an integer >= 0",
     "--keep_best_metric=kid": "--keep_best_metric needs --eval_steps",
+    "--conditional_initializer --label_column=shape": "--conditional_initializer is for --attribute_columns",
     "--level_sampling_weights=1": "--level_sampling_weights: expected 6 weights with a positive sum",
     "--langevin_step_size_scale=0": "argument --langevin_step_size_scale: expected a finite number > 0",
     "--frozen_initializer_share=0.2 --initializer_target=refined": "--frozen_initializer_share needs a data target",

@@ -68,6 +68,8 @@ def test_conditioning_from_a_label_column_or_attribute_columns():
         "color=blue",
     ]
     assert attributes.offsets == [0, 3] and not attributes.conditional_initializer
+    _, composable = conditioning_for(dataset, attribute_columns=["shape", "color"], conditional_initializer=True)
+    assert composable == Conditioning(attributes.columns, attributes.class_names, [0, 3], conditional_initializer=True)
     assert conditioning_for(dataset)[1] == Conditioning([])
     with pytest.raises(ValueError, match="exclude each other"):
         conditioning_for(dataset, label_column="shape", attribute_columns=["color"])

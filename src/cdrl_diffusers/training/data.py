@@ -69,10 +69,18 @@ def _as_class_label(dataset: datasets.Dataset, column: str, flag: str) -> datase
 
 
 def conditioning_for(
-    dataset: datasets.Dataset, label_column: str | None = None, attribute_columns: list[str] | None = None
+    dataset: datasets.Dataset,
+    label_column: str | None = None,
+    attribute_columns: list[str] | None = None,
+    conditional_initializer: bool = False,
 ) -> tuple[datasets.Dataset, Conditioning]:
     """Class-conditional training on ``label_column`` (Sec. 3.5), compositional training on ``attribute_columns``
-    (each value of each attribute a class named like ``shape=circle``, Sec. 4.5), or neither (unconditional)."""
+    (each value of each attribute a class named like ``shape=circle``, Sec. 4.5), or neither (unconditional).
+
+    With attributes the initializer is unconditional, as in the paper, unless ``conditional_initializer``: it then
+    takes the same class as the EBM, so that ``CDRLComposePipeline(..., compose_initializer=True)`` can compose its
+    proposals too. A class-conditional initializer is the default for ``label_column``.
+    """
     if label_column and attribute_columns:
         raise ValueError(
             "`label_column` (class-conditional) and `attribute_columns` (compositional) exclude each other."
@@ -87,7 +95,7 @@ def conditioning_for(
             dataset = _as_class_label(dataset, column, "--attribute_columns")
             offsets.append(len(names))
             names += [f"{column}={value}" for value in dataset.features[column].names]
-        return dataset, Conditioning(list(attribute_columns), names, offsets)
+        return dataset, Conditioning(list(attribute_columns), names, offsets, conditional_initializer)
     return dataset, Conditioning([])
 
 
