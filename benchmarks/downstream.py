@@ -139,7 +139,7 @@ def save_grid(array: np.ndarray, rows: int, path: Path, upscale: int = 4) -> Non
 # ---------------------------------------------------------------------------------------------------------------------
 # The training script's flags this benchmark passes on when given; left out, the script's defaults (the main job's
 # recipe) apply, so the benchmark follows the script without repeating its numbers.
-TRAINING_FLAGS = ("max_train_steps", "train_batch_size", "num_langevin_steps", "mixed_precision")
+TRAINING_FLAGS = ("max_train_steps", "train_batch_size", "num_langevin_steps", "mixed_precision", "cpu_threads")
 
 
 def training_command(args: argparse.Namespace, model_dir: Path) -> list[str]:
@@ -156,7 +156,7 @@ def training_command(args: argparse.Namespace, model_dir: Path) -> list[str]:
         f"--output_dir={model_dir}",
     ]
     command += [f"--{name}={getattr(args, name)}" for name in TRAINING_FLAGS if getattr(args, name) is not None]
-    return command + ["--conditional_initializer"] if args.conditional_initializer else command
+    return command + ["--conditional_initializer" if args.conditional_initializer else "--no-conditional_initializer"]
 
 
 def train(args: argparse.Namespace, model_dir: Path) -> float:
@@ -462,6 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--train_batch_size", type=cli_positive_int)
     training.add_argument("--num_langevin_steps", type=cli_positive_int, help="K for training and sampling.")
     training.add_argument("--mixed_precision", choices=["no", "bf16"], help="bf16 needs AMX to pay.")
+    training.add_argument("--cpu_threads", type=cli_positive_int, help="Training threads (the script's default: all).")
     training.add_argument(
         "--conditional_initializer",
         action=argparse.BooleanOptionalAction,

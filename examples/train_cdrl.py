@@ -72,8 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--attribute_columns", nargs="+", help="Compositional training on these columns (Sec. 4.5).")
     data.add_argument(
         "--conditional_initializer",
-        action="store_true",
-        help="With --attribute_columns: a class-conditional initializer, composable at sampling (the paper's: none).",
+        action=argparse.BooleanOptionalAction,
+        help="With --attribute_columns: a class-conditional initializer, composable at sampling (default; the "
+        "paper's, Sec. 4.5: --no-conditional_initializer).",
     )
     data.add_argument("--resolution", type=cli_positive_int, default=16, help="Images are resized and cropped to it.")
     data.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a random crop).")
@@ -108,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     optim = parser.add_argument_group("optimisation (App. A.2)")
     optim.add_argument("--train_batch_size", type=cli_positive_int, default=32, help="Batch size per device.")
-    optim.add_argument("--num_epochs", type=cli_positive_int, default=24, help="Passes over the data.")
+    optim.add_argument("--num_epochs", type=cli_positive_int, default=44, help="Passes over the data.")
     optim.add_argument("--max_train_steps", type=cli_positive_int, help="Optimisation steps; overrides --num_epochs.")
     optim.add_argument("--max_train_minutes", type=cli_positive_float, help="Also stop after this much training.")
     optim.add_argument("--gradient_accumulation_steps", type=cli_positive_int, default=1)
@@ -150,6 +151,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="T weights of the pair draw (uniform).",
     )
     optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
+    optim.add_argument(
+        "--cpu_threads",
+        type=cli_positive_int,
+        help="Threads per process when training on CPUs (default: the cores, shared among this machine's processes).",
+    )
     optim.add_argument("--seed", type=cli_non_negative_int, default=0, help="Seeds weights, data order, noise.")
 
     health = parser.add_argument_group("training health")
@@ -202,8 +208,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --eval_num_samples: expected at least 2, got {args.eval_num_samples}")
     if args.keep_best_metric is not None and args.eval_steps is None:
         parser.error("--keep_best_metric needs --eval_steps: the metric is computed by the evaluation")
-    if args.conditional_initializer and not args.attribute_columns:
-        parser.error("--conditional_initializer is for --attribute_columns (a --label_column model always has one)")
+    if args.conditional_initializer is None:
+        args.conditional_initializer = bool(args.attribute_columns)
+    elif not args.attribute_columns:
+        parser.error(
+            "--[no-]conditional_initializer is for --attribute_columns (a --label_column model's initializer is "
+            "always conditional)"
+        )
     if args.keep_best_metric == "accuracy" and not args.label_column:
         parser.error("--keep_best_metric accuracy needs a class-conditional model (--label_column)")
     if args.validation_split is None and args.eval_steps is not None:
@@ -306,7 +317,7 @@ def run_facts(
         "Skipped non-finite steps": progress.nonfinite_steps,
         "Training time": f"{(time.time() - started) / 60:.1f} min on {processes} x {accelerator.device.type}",
     }
-    if accelerator.device.type == "cpu":  # `accelerate launch` gives each CPU process OMP_NUM_THREADS=1 unless told
+    if accelerator.device.type == "cpu":
         facts["CPU threads per process"] = torch.get_num_threads()
     if accelerator.mixed_precision == "fp16":
         facts["fp16 overflow steps (skipped by the loss scaler)"] = progress.overflow_steps
@@ -349,6 +360,9 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.device.type == "cpu":  # `accelerate launch` alone would leave each CPU process one thread
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(args.cpu_threads or training.cpu_threads_per_process(local_processes))
     logger.info(accelerator.state, main_process_only=False)
     verbosity = "warning" if accelerator.is_local_main_process else "error"
     for library in (datasets, diffusers):

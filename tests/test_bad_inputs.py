@@ -338,6 +338,12 @@ COMPOSE = [
     case("latents-wrong-shape", lambda m: m.compose([0], latents=images(1, 1)), ValueError, "latents"),
     case("latents-nan", lambda m: m.compose([0], latents=images(1, fill=NAN)), ValueError, "latents"),
     case(
+        "compose_initializer-str",
+        lambda m: m.compose([0], compose_initializer="yes"),
+        TypeError,
+        "compose_initializer",
+    ),
+    case(
         "compose_initializer-unconditional",
         lambda m: m.compose_plain_initializer([0], compose_initializer=True),
         ValueError,

@@ -83,17 +83,24 @@ def test_energy_terms_get_the_composition_weights(kwargs, expected):
             assert weights[label] == pytest.approx(weight, abs=1e-6)
 
 
-def test_initializer_is_unconditional_unless_composed():
+def test_a_class_conditional_initializer_is_composed_unless_told_otherwise():
     pipe = compose_pipeline()
     seen = []
     pipe.initializer.register_forward_hook(
         lambda module, args, kwargs, out: seen.append(kwargs["class_labels"]), with_kwargs=True
     )
-    generate(pipe, concepts=["male", "young"], guidance_scale=1.0)
-    assert all(labels.tolist() == [NULL] for labels in seen)
+    for compose_initializer in (None, True):
+        seen.clear()
+        generate(pipe, concepts=["male", "young"], guidance_scale=1.0, compose_initializer=compose_initializer)
+        assert seen and all(labels.tolist() == [0, 2, NULL] for labels in seen)
     seen.clear()
-    generate(pipe, concepts=["male", "young"], guidance_scale=1.0, compose_initializer=True)
-    assert all(labels.tolist() == [0, 2, NULL] for labels in seen)
+    generate(pipe, concepts=["male", "young"], guidance_scale=1.0, compose_initializer=False)
+    assert seen and all(labels.tolist() == [NULL] for labels in seen)
+    unconditional = compose_pipeline(conditional_initializer=False)  # the paper's: proposes without classes
+    default = generate(unconditional, concepts=["male", "young"], guidance_scale=1.0)
+    assert torch.equal(
+        default, generate(unconditional, concepts=["male", "young"], guidance_scale=1.0, compose_initializer=False)
+    )
 
 
 @pytest.mark.parametrize("conditional_initializer", [False, True])

@@ -197,24 +197,19 @@ def test_attribute_columns_with_bf16_mixed_precision(tmp_path):
     assert "Mixed precision | bf16" in (output_dir / "README.md").read_text()
 
 
-def test_attribute_columns_with_a_composable_conditional_initializer(tmp_path):
+def test_attribute_columns_train_a_composable_conditional_initializer_by_default(tmp_path):
     output_dir = tmp_path / "out"
-    train(
-        tmp_path,
-        output_dir,
-        "--attribute_columns",
-        "shape",
-        "color",
-        "--conditional_initializer",
-        "--max_train_steps=2",
-    )
+    train(tmp_path, output_dir, "--attribute_columns", "shape", "color", "--max_train_steps=2")
     pipe = CDRLComposePipeline.from_pretrained(output_dir)
     assert pipe.initializer.config.num_class_embeds == pipe.energy_model.config.num_class_embeds == 6
     assert "conditional initializer" in read_model_card_section(output_dir, "Training")["Conditioning"]
     concepts = ["shape=circle", "color=red"]
-    composed = pipe(concepts, batch_size=2, compose_initializer=True, generator=torch.manual_seed(0), output_type="pt")
-    plain = pipe(concepts, batch_size=2, generator=torch.manual_seed(0), output_type="pt")
-    assert torch.isfinite(composed.images).all() and not torch.equal(composed.images, plain.images)
+
+    def sample(**kwargs):
+        return pipe(concepts, batch_size=2, generator=torch.manual_seed(0), output_type="pt", **kwargs).images
+
+    composed, default, plain = sample(compose_initializer=True), sample(), sample(compose_initializer=False)
+    assert torch.isfinite(composed).all() and torch.equal(default, composed) and not torch.equal(composed, plain)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -424,7 +419,8 @@ BAD_FLAGS = {
     "--max_grad_norm=-1": "argument --max_grad_norm: expected a finite number > 0, got '-1'",
     "--initializer_warmup_head_start=-5": "argument --initializer_warmup_head_start: expected an integer >= 0",
     "--keep_best_metric=kid": "--keep_best_metric needs --eval_steps",
-    "--conditional_initializer --label_column=shape": "--conditional_initializer is for --attribute_columns",
+    "--conditional_initializer --label_column=shape": "--[no-]conditional_initializer is for --attribute_columns",
+    "--no-conditional_initializer": "--[no-]conditional_initializer is for --attribute_columns",
     "--level_sampling_weights=1": "--level_sampling_weights: expected 6 weights with a positive sum",
     "--langevin_step_size_scale=0": "argument --langevin_step_size_scale: expected a finite number > 0",
     "--frozen_initializer_share=0.2 --initializer_target=refined": "--frozen_initializer_share needs a data target",

@@ -73,3 +73,16 @@ def test_losses_are_finite():
     assert losses_are_finite(accelerator, torch.tensor(1.0), torch.tensor(-2.0))
     assert not losses_are_finite(accelerator, torch.tensor(1.0), torch.tensor(float("nan")))
     assert not losses_are_finite(accelerator, torch.tensor(float("inf")))
+
+
+def test_cpu_threads_per_process_shares_the_cores_this_process_may_use(monkeypatch):
+    import os
+
+    from cdrl_diffusers.training import cpu_threads_per_process
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4}, raising=False)
+    assert [cpu_threads_per_process(n) for n in (1, 2, 3, 5, 8)] == [5, 2, 1, 1, 1]
+    with pytest.raises(ValueError, match="`local_processes` must be a positive integer, got 0"):
+        cpu_threads_per_process(0)
+    with pytest.raises(ValueError, match="`local_processes`"):
+        cpu_threads_per_process(True)

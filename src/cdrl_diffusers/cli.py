@@ -94,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     compose.add_argument(
         "--product-of-experts", action="store_true", help="the Du et al. (2020) baseline without the negative term"
     )
-    compose.add_argument("--compose-initializer", action="store_true", help="compose the initializer means too")
+    compose.add_argument(
+        "--compose-initializer",
+        action=argparse.BooleanOptionalAction,
+        help="compose the initializer's means too (default: when the initializer is class-conditional)",
+    )
 
     score = add_command(
         "score",

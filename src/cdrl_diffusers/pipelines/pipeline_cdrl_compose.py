@@ -35,7 +35,9 @@ class CDRLComposePipeline(CDRLPipelineMixin, DiffusionPipeline):
     The energy of M concepts is (1 + w) sum_i f(y; c_i) - (M w + M - 1) f(y) (Eq. 14; Eq. 13 at w = 0), built by
     ``ConditionWeights.composition``. ``concept_weights`` sets each concept's weight directly (negative = NOT) and
     ``product_of_experts=True`` gives the baseline without the negative unconditional term (Du et al., 2020). As in
-    the paper, the initializer proposes unconditionally unless ``compose_initializer=True``.
+    the paper, the initializer proposes unconditionally when it does not know the classes; a class-conditional one
+    (``examples/train_cdrl.py --attribute_columns ...`` trains one by default) has its proposals composed by the same
+    weights unless ``compose_initializer=False``.
 
     Its components are those of ``CDRLPipeline``, with a class-conditional energy model. It loads from any folder
     saved by a CDRL pipeline: ``CDRLComposePipeline.from_pretrained(path)``.
@@ -51,7 +53,7 @@ class CDRLComposePipeline(CDRLPipelineMixin, DiffusionPipeline):
         concept_weights: Sequence[float] | None,
         guidance_scale: float,
         batch_size: int,
-        compose_initializer: bool,
+        compose_initializer: bool | None,
     ) -> list[int]:
         """Check the concepts, their weights and the batch; returns the concepts as class indices."""
         check_positive_int(batch_size, "batch_size")
@@ -75,6 +77,8 @@ class CDRLComposePipeline(CDRLPipelineMixin, DiffusionPipeline):
                     "Pass either `guidance_scale` (gamma_i = 1 + w for every concept) or `concept_weights` (the "
                     "gamma_i themselves), not both."
                 )
+        if compose_initializer is not None and not isinstance(compose_initializer, bool):
+            raise TypeError(f"`compose_initializer` must be a bool or None, got {type(compose_initializer).__name__}.")
         if compose_initializer and self.initializer.config.num_class_embeds is None:
             raise ValueError("`compose_initializer=True` needs a class-conditional initializer; this one is not.")
         return ids
@@ -96,7 +100,7 @@ class CDRLComposePipeline(CDRLPipelineMixin, DiffusionPipeline):
         callback_on_step_end: Callback | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         product_of_experts: bool = False,
-        compose_initializer: bool = False,
+        compose_initializer: bool | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate samples that show every concept at once (Eq. 14).
 
@@ -114,9 +118,10 @@ class CDRLComposePipeline(CDRLPipelineMixin, DiffusionPipeline):
             latents (`torch.Tensor`, *optional*): x_T of shape (batch, *sample_shape); drawn from N(0, I) otherwise.
             product_of_experts (`bool`): drop the missing negative term: sum_i gamma_i f(y; c_i) + sum_i (1 - gamma_i)
                 f(y), the baseline of Du et al. (2020), for comparison.
-            compose_initializer (`bool`): combine the initializer's means by the same weights (they then sum to one,
-                ``ConditionWeights.for_initializer``); needs a class-conditional initializer. By default the
-                initializer is unconditional, as in the paper.
+            compose_initializer (`bool`, *optional*): combine the initializer's means by the same weights (they then
+                sum to one, ``ConditionWeights.for_initializer``); needs a class-conditional initializer. ``None``
+                (default) composes them when the initializer is class-conditional; ``False`` proposes
+                unconditionally, as the paper does.
 
         Examples:
 
@@ -134,6 +139,8 @@ class CDRLComposePipeline(CDRLPipelineMixin, DiffusionPipeline):
         energy_weights = ConditionWeights.composition(
             concept_labels, float(guidance_scale), concept_weights, product_of_experts
         )
+        if compose_initializer is None:
+            compose_initializer = self.initializer.config.num_class_embeds is not None
         initializer_weights = (
             energy_weights.for_initializer() if compose_initializer else ConditionWeights.unconditional()
         )

@@ -27,7 +27,7 @@ from .data import (
 from .ema import ema_copy, ema_pipeline, refresh_spectral_norm
 from .evaluation import HeldOutEvaluator
 from .health import DivergenceError, TrainingHealthMonitor
-from .optimization import OptimizerStep, clip_and_step, losses_are_finite
+from .optimization import OptimizerStep, clip_and_step, cpu_threads_per_process, losses_are_finite
 from .presets import EMBEDDED_DATASETS, MODEL_PRESETS, build_models, load_embedded_dataset
 from .reporting import (
     UPLOAD_IGNORE_PATTERNS,
@@ -88,6 +88,7 @@ __all__ = [
     "HeldOutEvaluator",
     "OptimizerStep",
     "clip_and_step",
+    "cpu_threads_per_process",
     "losses_are_finite",
     "EMBEDDED_DATASETS",
     "MODEL_PRESETS",

@@ -1,8 +1,10 @@
-"""The optimizer step of a training iteration: skip non-finite updates, clip per network, fp16 loss scaling."""
+"""The optimizer step of a training iteration: skip non-finite updates, clip per network, fp16 loss scaling; CPU
+threads."""
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -11,6 +13,19 @@ from torch import nn
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+
+def cpu_threads_per_process(local_processes: int) -> int:
+    """The intra-op threads that give each of ``local_processes`` processes on this machine an equal share of the
+    cores this process may run on (its CPU affinity where the platform reports it), at least one.
+
+    ``accelerate launch`` sets ``OMP_NUM_THREADS=1`` for a CPU process unless it is told otherwise, which leaves all
+    but one core idle when a single process trains.
+    """
+    if isinstance(local_processes, bool) or not isinstance(local_processes, int) or local_processes < 1:
+        raise ValueError(f"`local_processes` must be a positive integer, got {local_processes!r}.")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_processes)
 
 
 def losses_are_finite(accelerator: Accelerator, *losses: torch.Tensor) -> bool:

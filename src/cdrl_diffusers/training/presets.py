@@ -18,8 +18,10 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # whole image. With two, f_hat was a sum of local patch scores and could not tell a shape from a blob.
         # No spectral norm (App. A.1 has it): without it the shapes scored 0.49 / 0.55 clean at 768 / 1,536 steps,
         # against 0.45 / 0.48 with it, at the same cost per step and the same density (docs/training.md).
+        # Channels (16, 32, 64): a training step 1.5 times as fast as with (32, 64, 128); in the same time (48 epochs
+        # against 32) the shapes scored 0.922 clean against 0.793, with the same density (docs/training.md).
         "energy_model": {
-            "block_out_channels": (32, 64, 128),
+            "block_out_channels": (16, 32, 64),
             "layers_per_block": 1,
             "embedding_dim": 64,
             "use_spectral_norm": False,
