@@ -186,13 +186,20 @@ def test_imagefolder_class_conditional_and_offline_push_to_hub(tmp_path):
 def test_attribute_columns_with_bf16_mixed_precision(tmp_path):
     output_dir = tmp_path / "out"
     train(
-        tmp_path, output_dir, "--attribute_columns", "shape", "color", "--mixed_precision=bf16", "--max_train_steps=2"
+        tmp_path,
+        output_dir,
+        "--attribute_columns",
+        "shape",
+        "color",
+        "--no-conditional_initializer",
+        "--mixed_precision=bf16",
+        "--max_train_steps=2",
     )
     pipe = CDRLPipeline.from_pretrained(output_dir)
     assert pipe.class_names == [f"shape={s}" for s in ("circle", "square", "triangle")] + [
         f"color={c}" for c in ("red", "green", "blue")
     ]
-    assert pipe.initializer.config.num_class_embeds is None  # unconditional initializer (Sec. 4.5)
+    assert pipe.initializer.config.num_class_embeds is None  # the paper's unconditional initializer (Sec. 4.5)
     assert all(np.isfinite(list(scalars(output_dir, "train/ebm_loss").values())))
     assert "Mixed precision | bf16" in (output_dir / "README.md").read_text()
 
