@@ -34,6 +34,7 @@ SHIFT_NAMES = {
     "interpolated": "interpolated pairs",
     "rotated": "rotated a quarter turn",
     "flipped": "flipped left-right",
+    "upside_down": "flipped upside down",
     "periodic": "periodic gratings",
 }
 

@@ -36,6 +36,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from cdrl_diffusers import CDRLPipeline, CDRLScheduler, training
+from cdrl_diffusers.evaluation import OOD_SHIFTS
 from cdrl_diffusers.validation import (
     cli_fraction,
     cli_fraction_or_count,
@@ -79,6 +80,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--resolution", type=cli_positive_int, default=16, help="Images are resized and cropped to it.")
     data.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a random crop).")
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    data.add_argument(
+        "--negative_shifts",
+        nargs="+",
+        choices=OOD_SHIFTS,
+        help="Negative data augmentation: training images turned by these shifts are scored below the data.",
+    )
+    data.add_argument(
+        "--negative_share", type=cli_fraction, default=0.25, help="Share of each batch that --negative_shifts turn."
+    )
     data.add_argument("--max_train_samples", type=cli_positive_int, help="Train on a random subset of this size.")
     data.add_argument("--dataloader_num_workers", type=cli_non_negative_int, default=0)
 
@@ -204,6 +214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.frozen_initializer_share = 0.0 if data_phase_start(args) is None else DEFAULT_FROZEN_INITIALIZER_SHARE
     elif args.frozen_initializer_share > 0 and data_phase_start(args) is None:
         parser.error("--frozen_initializer_share needs a data target (--data_target_from_step, --initializer_target)")
+    if args.random_flip and "flipped" in (args.negative_shifts or ()):
+        parser.error("--negative_shifts flipped contradicts --random_flip (flipped images would be data and not data)")
     if args.eval_num_samples < 2:
         parser.error(f"argument --eval_num_samples: expected at least 2, got {args.eval_num_samples}")
     if args.keep_best_metric is not None and args.eval_steps is None:
@@ -312,6 +324,10 @@ def run_facts(
         else ", ".join(f"{weight:g}" for weight in args.level_sampling_weights),
         "Initializer target": initializer_target_description(args),
         "Langevin noise control of the target": "on" if args.langevin_noise_control else "off",
+        "Negative data augmentation": "none"
+        if not args.negative_shifts
+        else f"{args.negative_share:.0%} of each batch turned {' or '.join(args.negative_shifts)}, scored below the "
+        "data (logistic terms)",
         "Mixed precision": accelerator.mixed_precision,
         "Seed": args.seed,
         "Skipped non-finite steps": progress.nonfinite_steps,
@@ -541,6 +557,11 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
                 data_phase = data_start is not None and progress.global_step >= data_start
                 if frozen_initializer is not None and progress.global_step == data_start:
                     frozen_initializer.load_state_dict(networks["initializer"].state_dict())
+                negatives = None
+                if args.negative_shifts:
+                    negatives = training.shifted_negatives(
+                        batch["pixel_values"], args.negative_shifts, args.negative_share, generator
+                    )
                 with accelerator.autocast():
                     output = training.cdrl_training_step(
                         energy_model,
@@ -555,6 +576,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
                         langevin_noise_control=args.langevin_noise_control,
                         frozen_initializer=frozen_initializer if data_phase else None,
                         frozen_initializer_share=args.frozen_initializer_share,
+                        augmented_negatives=negatives,
                     )
                 if training.losses_are_finite(accelerator, output.ebm_loss, output.initializer_loss):
                     accelerator.backward(output.ebm_loss + output.initializer_loss)

@@ -108,7 +108,7 @@ def test_shifted_sets():
         shift_images(images[0], "inverted")
 
 
-def test_rotated_and_flipped_shifts_are_exact_geometric_maps():
+def test_rotated_and_mirrored_shifts_are_exact_geometric_maps():
     images = torch.rand(4, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(2)) * 2 - 1
     rotated = shift_images(images, "rotated")
     assert torch.equal(rotated[:, :, 0, 0], images[:, :, 0, -1])  # counter-clockwise: the top-right corner moves left
@@ -121,6 +121,10 @@ def test_rotated_and_flipped_shifts_are_exact_geometric_maps():
     flipped = shift_images(images, "flipped")
     assert torch.equal(flipped, images[..., torch.arange(TINY_SIZE - 1, -1, -1)])  # left-right mirror
     assert torch.equal(shift_images(flipped, "flipped"), images)  # an involution
+    upside_down = shift_images(images, "upside_down")
+    assert torch.equal(upside_down, images[:, :, torch.arange(TINY_SIZE - 1, -1, -1)])  # top-bottom mirror
+    # Both mirrors together are a half turn.
+    assert torch.equal(shift_images(upside_down, "flipped"), shift_images(shift_images(images, "rotated"), "rotated"))
     with pytest.raises(ValueError, match="square"):
         shift_images(torch.zeros(2, 1, 8, 6), "rotated")
 

@@ -419,6 +419,19 @@ def test_frozen_initializer_is_checkpointed_and_resumes_exactly(tmp_path):
     assert without[3] != expected[3]  # after it, half the chains start from the frozen copy
 
 
+def test_negative_shifts_add_ranked_negatives_to_the_ebm_loss_and_reach_the_card(tmp_path):
+    flags = ["--max_train_steps=2", "--lr_decay=constant"]
+    train(tmp_path, tmp_path / "plain", *flags)
+    train(tmp_path, tmp_path / "nda", *flags, "--negative_shifts", "flipped", "--negative_share=0.5")
+    card = (tmp_path / "nda" / "README.md").read_text()
+    assert "| Negative data augmentation | 50% of each batch turned flipped, scored below the data" in card
+    assert "| Negative data augmentation | none |" in (tmp_path / "plain" / "README.md").read_text()
+    plain, nda = (scalars(tmp_path / name, "train/ebm_loss") for name in ("plain", "nda"))
+    assert nda[1] > plain[1]  # the same draws plus non-negative logistic terms
+    initializer = [scalars(tmp_path / name, "train/initializer_loss")[1] for name in ("plain", "nda")]
+    assert initializer[0] == initializer[1]  # a flip draws nothing: the first step's chains are unchanged
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Flags: range-checked by argparse before anything is loaded
 # --------------------------------------------------------------------------------------------------------------------
@@ -431,6 +444,8 @@ BAD_FLAGS = {
     "--level_sampling_weights=1": "--level_sampling_weights: expected 6 weights with a positive sum",
     "--langevin_step_size_scale=0": "argument --langevin_step_size_scale: expected a finite number > 0",
     "--frozen_initializer_share=0.2 --initializer_target=refined": "--frozen_initializer_share needs a data target",
+    "--negative_shifts=mirrored": "argument --negative_shifts: invalid choice: 'mirrored'",
+    "--negative_shifts=flipped --random_flip": "--negative_shifts flipped contradicts --random_flip",
 }
 
 

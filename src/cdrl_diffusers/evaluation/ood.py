@@ -44,7 +44,16 @@ def ood_auroc(in_scores: Scores, out_scores: Scores) -> float:
     return float(roc_auc_score(labels, np.concatenate([positives, negatives])))
 
 
-OOD_SHIFTS: tuple[str, ...] = ("uniform", "shuffled", "inverted", "interpolated", "rotated", "flipped", "periodic")
+OOD_SHIFTS: tuple[str, ...] = (
+    "uniform",
+    "shuffled",
+    "inverted",
+    "interpolated",
+    "rotated",
+    "flipped",
+    "upside_down",
+    "periodic",
+)
 
 
 def _periodic_patterns(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -80,7 +89,8 @@ def shift_images(images: torch.Tensor, shift: str, generator: torch.Generator | 
     Shifts (``OOD_SHIFTS``): ``"uniform"`` noise in [-1, 1]; ``"shuffled"``: each image's pixel positions permuted
     (its colours kept); ``"inverted"``: -x (the negative image); ``"interpolated"``: the average of each image and
     another image of the batch, the "interpolation" set of Sec. 4.4 / Table 4; ``"rotated"``: a quarter turn
-    counter-clockwise (square images); ``"flipped"``: mirrored left-right (a horizontal flip); ``"periodic"``: a
+    counter-clockwise (square images); ``"flipped"``: mirrored left-right (a horizontal flip); ``"upside_down"``:
+    mirrored top-bottom (a vertical flip); ``"periodic"``: a
     random sinusoidal grating per image, in that image's value range (random frequency, orientation and phase).
 
     Args:
@@ -105,6 +115,8 @@ def shift_images(images: torch.Tensor, shift: str, generator: torch.Generator | 
         return images.rot90(1, dims=(2, 3))
     if shift == "flipped":
         return images.flip(3)
+    if shift == "upside_down":
+        return images.flip(2)
     if shift == "periodic":
         return _periodic_patterns(images, generator)
     if shift == "shuffled":

@@ -22,6 +22,7 @@ from .data import (
     conditioning_for,
     image_channels,
     image_tensors,
+    shifted_negatives,
     split_dataset,
 )
 from .ema import ema_copy, ema_pipeline, refresh_spectral_norm
@@ -81,6 +82,7 @@ __all__ = [
     "conditioning_for",
     "image_channels",
     "image_tensors",
+    "shifted_negatives",
     "split_dataset",
     "ema_copy",
     "ema_pipeline",

@@ -5,6 +5,7 @@ Every data source becomes a ``datasets.Dataset``; ``TrainingImages`` then turns 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import datasets
@@ -12,6 +13,9 @@ import numpy as np
 import PIL.Image
 import torch
 from datasets import ClassLabel
+
+from ..evaluation import OOD_SHIFTS, shift_images
+from ..validation import check_probability
 
 GREYSCALE_MODES = ("1", "L", "I", "I;16", "F")
 
@@ -182,3 +186,31 @@ def image_tensors(
     examples = [images[index] for index in range(len(images))]
     labels = torch.stack([example["labels"][0] for example in examples]) if label_column else None
     return torch.stack([example["pixel_values"] for example in examples]), labels
+
+
+def shifted_negatives(
+    images: torch.Tensor, shifts: Sequence[str], share: float, generator: torch.Generator | None = None
+) -> torch.Tensor | None:
+    """Negatives for ``cdrl_training_step(augmented_negatives=...)``: the first ``round(share * batch)`` images, each
+    turned by one of ``shifts`` (``evaluation.shift_images``, drawn uniformly per image), or ``None`` if that is none.
+
+    Negative data augmentation (Sinha et al., 2021): the shifts are what the user knows the data is *not*, for
+    example ``"flipped"`` for handwriting, which has a handedness. A shift used here is no longer an unseen test of
+    the density.
+    """
+    check_probability(share, "share")
+    if isinstance(shifts, str) or not shifts or any(shift not in OOD_SHIFTS for shift in shifts):
+        raise ValueError(f"`shifts` must be a non-empty list of {OOD_SHIFTS}, got {shifts!r}.")
+    count = round(share * images.shape[0])
+    if count == 0:
+        return None
+    choice = torch.zeros(count, dtype=torch.long, device=images.device)
+    if len(shifts) > 1:  # one shift needs no draw
+        draw_device = generator.device if generator is not None else "cpu"
+        choice = torch.randint(0, len(shifts), (count,), generator=generator, device=draw_device).to(images.device)
+    negatives = images[:count].clone()
+    for index, shift in enumerate(shifts):
+        rows = torch.nonzero(choice == index).flatten()
+        if len(rows):
+            negatives[rows] = shift_images(images[rows], shift, generator)
+    return negatives

@@ -147,6 +147,7 @@ def cdrl_training_step(
     langevin_noise_control: bool = False,
     frozen_initializer: nn.Module | None = None,
     frozen_initializer_share: float = 0.0,
+    augmented_negatives: torch.Tensor | None = None,
 ) -> CDRLTrainingOutput:
     r"""Losses of one CDRL iteration (Algorithm 1) on a batch of clean data in [-1, 1].
 
@@ -159,6 +160,8 @@ def cdrl_training_step(
     5. Initializer loss (Eq. 8 without the 1 / (2 sigma_tilde^2) factor): mean_b sum (y_tilde_t - y_hat_t)^2, with
        gradients into g through y_hat_t. With ``initializer_target="data"`` the target is y_t^+ instead of y_tilde_t
        (the "CDRL(data)" variant of App. G.2).
+    6. With ``augmented_negatives``: noised like the first rows of the batch, they join the EBM loss with logistic
+       terms w_t softplus(f_hat(y_t^-) - f_hat(y_t^+)) (negative data augmentation), per condition scored.
 
     Args:
         energy_model: the EBM (possibly wrapped by DDP); the EBM loss back-propagates into it.
@@ -189,6 +192,15 @@ def cdrl_training_step(
             f_hat(y^+)): chains that start far off cannot reach the data in K steps, and Eq. 7 would lower their
             energy without bound. It runs in eval mode without gradients; only with ``initializer_target="data"``.
         frozen_initializer_share: the share of the batch whose chains start from ``frozen_initializer``, in [0, 1].
+        augmented_negatives: clean images known *not* to be data, shape (n, ...) with n <= batch and the batch's
+            example shape: transformed copies of the first n clean samples, such as mirrored digits (negative data
+            augmentation, Sinha et al., 2021). The EBM's own negatives only come from where its chains go, so it
+            cannot learn what data is not in places the chains never visit; these put negatives there. Each is
+            noised to its row's level with its row's noise (Eq. 9) and ranked below its row's data with logistic
+            terms, as the frozen chains', which fade once the ranking holds: under its row's label and, for a
+            conditional EBM, also under the null class (the unconditional energy of ``log_density``, which label
+            dropout would otherwise show only a tenth of them) and by the implicit classifier f_hat_c - f_hat_null
+            that guidance follows (Eq. 11-12), so that no guidance weight favours them.
 
     For tight memory, ``energy_model.enable_gradient_checkpointing()`` stops the positive and negative passes of the
     EBM loss from holding their activations until the backward pass (docs/performance.md gives the cost).
@@ -205,6 +217,16 @@ def cdrl_training_step(
     check_probability(frozen_initializer_share, "frozen_initializer_share")
     check_generator(generator)
     batch, device, num_levels = clean_samples.shape[0], clean_samples.device, scheduler.num_noise_levels
+    num_augmented = 0
+    if augmented_negatives is not None:
+        if not isinstance(augmented_negatives, torch.Tensor) or not augmented_negatives.is_floating_point():
+            raise TypeError("`augmented_negatives` must be a floating-point torch.Tensor.")
+        num_augmented = augmented_negatives.shape[0] if augmented_negatives.ndim == clean_samples.ndim else 0
+        if augmented_negatives.shape[1:] != clean_samples.shape[1:] or not 1 <= num_augmented <= batch:
+            raise ValueError(
+                f"`augmented_negatives` must have shape (n, {', '.join(map(str, clean_samples.shape[1:]))}) with "
+                f"1 <= n <= {batch} (the batch size), got {tuple(augmented_negatives.shape)}."
+            )
     num_frozen = round(frozen_initializer_share * batch) if frozen_initializer is not None else 0
     if num_frozen and initializer_target != "data":
         # Eq. 8's target would be a chain the live initializer did not start.
@@ -238,6 +260,10 @@ def cdrl_training_step(
     timesteps = timesteps.to(device)
     noise = randn_tensor(clean_samples.shape, generator=generator, device=device, dtype=torch.float32)
     positive, noisier = scheduler.training_pair(clean_samples.float(), timesteps, noise)
+    if num_augmented:
+        augmented, _ = scheduler.training_pair(
+            augmented_negatives.to(device, torch.float32), timesteps[:num_augmented], noise[:num_augmented]
+        )
 
     with precision_context(precision, device):
         mean = initializer(noisier, scheduler.initializer_logsnr(timesteps), class_labels=initializer_labels).sample
@@ -273,13 +299,24 @@ def cdrl_training_step(
                 return_injected_noise=True,
             )
 
+        # One EBM pass for the data, the chains' ends and the augmented negatives (the first rows' levels and labels;
+        # for a conditional EBM, the augmented negatives and their data again under the null class).
         energy_logsnr = scheduler.energy_logsnr(timesteps)
+        every_row = torch.arange(batch, device=device)
+        parts = [(positive, every_row, energy_labels), (refined, every_row, energy_labels)]  # (input, row, label)
+        if num_augmented:
+            first = every_row[:num_augmented]
+            parts.append((augmented, first, None if energy_labels is None else energy_labels[:num_augmented]))
+            if energy_labels is not None:
+                null = torch.full((num_augmented,), energy_null, device=device)
+                parts += [(augmented, first, null), (positive[:num_augmented], first, null)]
+        inputs, rows, labels = zip(*parts)
         neg_energy = energy_model(
-            torch.cat([positive, refined]),
-            energy_logsnr.repeat(2),
-            class_labels=None if energy_labels is None else energy_labels.repeat(2),
+            torch.cat(inputs),
+            energy_logsnr[torch.cat(rows)],
+            class_labels=None if energy_labels is None else torch.cat(labels),
         ).neg_energy.float()
-    neg_energy_positive, neg_energy_negative = neg_energy.chunk(2)
+    neg_energy_positive, neg_energy_negative, *neg_energy_augmented = neg_energy.split([len(x) for x in inputs])
     loss_weight = scheduler.loss_weight.to(device)[timesteps]
     difference = neg_energy_negative - neg_energy_positive
     if num_frozen:
@@ -287,6 +324,20 @@ def cdrl_training_step(
         # are logistic instead: they rank far-off samples below the data, and stop pushing once they do.
         difference = torch.cat([nn.functional.softplus(difference[:num_frozen]), difference[num_frozen:]])
     ebm_losses = loss_weight * difference
+    if num_augmented:
+        labelled = neg_energy_augmented[0]
+        augmented_losses = nn.functional.softplus(labelled - neg_energy_positive[:num_augmented])
+        if energy_labels is not None:
+            null_augmented, null_positive = neg_energy_augmented[1:]
+            # The null class's ranking, and that of the implicit classifier log p(c | y) = f_hat_c - f_hat_null, which
+            # guidance follows (Eq. 11-12): were it more confident on the negatives than on the data, guided chains
+            # would be pushed towards them. Rows whose label was dropped have no classifier term.
+            classifier = (labelled - null_augmented) - (neg_energy_positive[:num_augmented] - null_positive)
+            has_label = energy_labels[:num_augmented] != energy_null
+            augmented_losses = augmented_losses + nn.functional.softplus(null_augmented - null_positive)
+            augmented_losses = augmented_losses + has_label * nn.functional.softplus(classifier)
+        augmented_losses = loss_weight[:num_augmented] * augmented_losses
+        ebm_losses = ebm_losses + nn.functional.pad(augmented_losses, (0, batch - num_augmented))
     if initializer_target == "data":
         target = positive
     else:
