@@ -161,7 +161,8 @@ def cdrl_training_step(
        gradients into g through y_hat_t. With ``initializer_target="data"`` the target is y_t^+ instead of y_tilde_t
        (the "CDRL(data)" variant of App. G.2).
     6. With ``augmented_negatives``: noised like the first rows of the batch, they join the EBM loss with logistic
-       terms w_t softplus(f_hat(y_t^-) - f_hat(y_t^+)) (negative data augmentation), per condition scored.
+       terms w_t softplus(f_hat(y_t^-) - f_hat(y_t^+)) (negative data augmentation; for a conditional EBM also
+       under the null class and by the implicit classifier).
 
     Args:
         energy_model: the EBM (possibly wrapped by DDP); the EBM loss back-propagates into it.
