@@ -440,6 +440,7 @@ def main(args: argparse.Namespace) -> CDRLPipeline:
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
         weight_decay=args.initializer_weight_decay,
+        **training.fused_adamw_options(accelerator.device),
     )
     energy_model, initializer, optimizer, train_dataloader = accelerator.prepare(
         energy_model, initializer, optimizer, train_dataloader

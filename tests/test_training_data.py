@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import datasets
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -55,6 +57,37 @@ def test_training_images_are_seeded_by_epoch_and_row():
     assert (
         image_channels(dataset, "image") == 3 and image_channels(load_embedded_dataset("digits", 8)[0], "image") == 1
     )
+
+
+def test_cached_decoding_gives_the_same_crops_and_flips_as_decoding_every_time():
+    # 22x16 images: the shorter side is already 16, so the random 16x16 crops slide along the width.
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 16, 22, 3), dtype=np.uint8)
+    dataset = datasets.Dataset.from_dict(
+        {"image": [PIL.Image.fromarray(image) for image in pixels], "label": list(range(6))},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    cached = TrainingImages(dataset, "image", ["label"], 16, 3, random_flip=True, seed=3)
+    uncached = TrainingImages(dataset, "image", ["label"], 16, 3, random_flip=True, seed=3, cache_bytes=0)
+    partly = TrainingImages(
+        dataset, "image", ["label"], 16, 3, random_flip=True, seed=3, cache_bytes=2 * pixels[0].nbytes
+    )
+    for epoch in range(3):
+        for images in (cached, uncached, partly):
+            images.set_epoch(epoch)
+        for index in range(6):
+            expected = uncached[index]
+            for images in (cached, partly):
+                example = images[index]
+                assert torch.equal(example["pixel_values"], expected["pixel_values"])
+                assert torch.equal(example["labels"], expected["labels"])
+    assert len(cached._cache) == 6 and len(partly._cache) == 2 and not uncached._cache
+    # Independently: epoch 2's example 4 is the seeded crop (and flip) of the stored pixels.
+    rng = np.random.default_rng((3, 2, 4))
+    left, top = (int(value) for value in rng.integers(0, [7, 1]))
+    crop = pixels[4, top : top + 16, left : left + 16].astype(np.float32) / 127.5 - 1.0
+    reference = torch.from_numpy(crop).permute(2, 0, 1)
+    reference = reference.flip(-1) if rng.random() < 0.5 else reference
+    assert torch.equal(cached[4]["pixel_values"], reference)
 
 
 def test_conditioning_from_a_label_column_or_attribute_columns():

@@ -6,17 +6,19 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from cdrl_diffusers.training import clip_and_step, losses_are_finite
+from cdrl_diffusers.training import clip_and_step, fused_adamw_options, losses_are_finite
 
 
-def prepared(scaler: torch.amp.GradScaler | None = None):
-    """Two one-weight "networks" and an optimizer prepared by an Accelerator with (optionally) a real GradScaler."""
+def prepared(scaler: torch.amp.GradScaler | None = None, adamw: dict | None = None):
+    """Two one-weight "networks" and an optimizer prepared by an Accelerator with (optionally) a real GradScaler;
+    SGD at 0.1, or AdamW with the keyword arguments ``adamw``."""
     accelerator = Accelerator(cpu=True)
     accelerator.scaler = scaler  # what Accelerate sets up for `--mixed_precision fp16` on a GPU
     models = {"energy_model": torch.nn.Linear(1, 1, bias=False), "initializer": torch.nn.Linear(1, 1, bias=False)}
     for model in models.values():
         torch.nn.init.ones_(model.weight)
-    optimizer = torch.optim.SGD([p for model in models.values() for p in model.parameters()], lr=0.1)
+    parameters = [p for model in models.values() for p in model.parameters()]
+    optimizer = torch.optim.SGD(parameters, lr=0.1) if adamw is None else torch.optim.AdamW(parameters, **adamw)
     *_, optimizer = accelerator.prepare(*models.values(), optimizer)
     return accelerator, models, optimizer
 
@@ -86,3 +88,39 @@ def test_cpu_threads_per_process_shares_the_cores_this_process_may_use(monkeypat
         cpu_threads_per_process(0)
     with pytest.raises(ValueError, match="`local_processes`"):
         cpu_threads_per_process(True)
+
+
+def test_fused_adamw_options_pick_the_fused_kernel_where_torch_has_one():
+    expected = {"fused": True} if torch.__version__ >= "2.4" else {}
+    assert fused_adamw_options("cpu") == expected == fused_adamw_options(torch.device("cpu"))
+    assert fused_adamw_options("meta") == {}
+    # The same update as torch's default AdamW, over steps with different gradients.
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(4, 3, generator=generator), torch.randn(5, generator=generator)]
+    gradients = [[torch.randn_like(weight, generator=generator) for weight in start] for _ in range(5)]
+    finals = []
+    for options in ({}, fused_adamw_options("cpu")):
+        weights_ = [torch.nn.Parameter(weight.clone()) for weight in start]
+        optimizer = torch.optim.AdamW(weights_, lr=1e-2, weight_decay=0.1, **options)
+        for step_gradients in gradients:
+            for weight, gradient in zip(weights_, step_gradients):
+                weight.grad = gradient.clone()
+            optimizer.step()
+        finals.append(torch.cat([weight.detach().flatten() for weight in weights_]))
+    assert not torch.equal(finals[0], torch.cat([weight.flatten() for weight in start]))
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_overflow_with_the_fused_adamw_is_skipped_and_training_continues():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
+    accelerator, models, optimizer = prepared(
+        scaler, adamw={"lr": 0.1, "weight_decay": 0.0, **fused_adamw_options("cpu")}
+    )
+    backward(accelerator, models, 2.0)
+    step = clip_and_step(accelerator, optimizer, models, max_grad_norm=100.0)
+    optimizer.zero_grad()
+    assert step.overflow and weights(models) == [1.0, 1.0] and scaler.get_scale() == 2.0**126
+    backward(accelerator, models, 2.0)
+    step = clip_and_step(accelerator, optimizer, models, max_grad_norm=100.0)
+    assert step.stepped and not step.overflow
+    assert weights(models) == pytest.approx([0.9, 0.9], abs=1e-4)  # Adam's first step: lr x sign(gradient)

@@ -28,7 +28,13 @@ from .data import (
 from .ema import ema_copy, ema_pipeline, refresh_spectral_norm
 from .evaluation import HeldOutEvaluator
 from .health import DivergenceError, TrainingHealthMonitor
-from .optimization import OptimizerStep, clip_and_step, cpu_threads_per_process, losses_are_finite
+from .optimization import (
+    OptimizerStep,
+    clip_and_step,
+    cpu_threads_per_process,
+    fused_adamw_options,
+    losses_are_finite,
+)
 from .presets import EMBEDDED_DATASETS, MODEL_PRESETS, build_models, load_embedded_dataset
 from .reporting import (
     UPLOAD_IGNORE_PATTERNS,
@@ -91,6 +97,7 @@ __all__ = [
     "OptimizerStep",
     "clip_and_step",
     "cpu_threads_per_process",
+    "fused_adamw_options",
     "losses_are_finite",
     "EMBEDDED_DATASETS",
     "MODEL_PRESETS",

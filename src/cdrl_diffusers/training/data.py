@@ -129,6 +129,10 @@ class TrainingImages(torch.utils.data.Dataset):
     Images are resized so that their shorter side is ``resolution`` (as diffusers' ``Resize``), cropped (centre or
     random) and optionally flipped. Random crops and flips draw from a generator seeded by (seed, epoch, row), not
     from a global RNG, so a resumed run sees exactly the images the interrupted one would have seen, in any worker.
+
+    Decoding and resizing do not change between epochs, so the first ``cache_bytes`` of resized pixels (and their
+    labels) are kept in memory: the embedded 16x16 datasets then decode each image once, instead of once per epoch,
+    which was a tenth of a CPU training step. ``cache_bytes=0`` decodes every time.
     """
 
     def __init__(
@@ -141,12 +145,15 @@ class TrainingImages(torch.utils.data.Dataset):
         center_crop: bool = False,
         random_flip: bool = False,
         seed: int = 0,
+        cache_bytes: int = 2**30,
     ):
         self.rows = rows.select_columns([image_column, *label_columns])
         self.image_column, self.label_columns = image_column, label_columns
         self.resolution, self.mode = resolution, "L" if channels == 1 else "RGB"
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
         self.epoch = 0
+        self.cache_bytes, self._cached_bytes = cache_bytes, 0
+        self._cache: dict[int, tuple[np.ndarray, list[int]]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -161,20 +168,34 @@ class TrainingImages(torch.utils.data.Dataset):
         size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
         return image.resize(size, PIL.Image.Resampling.BILINEAR)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def _decoded(self, index: int) -> tuple[np.ndarray, list[int]]:
+        """Row ``index`` resized, as uint8 pixels (height, width[, channels]), and its labels; cached while it fits."""
+        if index in self._cache:
+            return self._cache[index]
         row = self.rows[index]
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        image = self._resized(row[self.image_column].convert(self.mode))
-        spare_x, spare_y = image.width - self.resolution, image.height - self.resolution
-        left, top = (spare_x // 2, spare_y // 2) if self.center_crop else rng.integers(0, [spare_x + 1, spare_y + 1])
-        image = image.crop((int(left), int(top), int(left) + self.resolution, int(top) + self.resolution))
-        pixels = torch.from_numpy(np.array(image, dtype=np.float32) / 127.5 - 1.0)
+        decoded = (
+            np.asarray(self._resized(row[self.image_column].convert(self.mode))),
+            [row[column] for column in self.label_columns],
+        )
+        if self._cached_bytes + decoded[0].nbytes <= self.cache_bytes:
+            self._cache[index] = decoded
+            self._cached_bytes += decoded[0].nbytes
+        return decoded
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, labels = self._decoded(index)
+        spare_y, spare_x = image.shape[0] - self.resolution, image.shape[1] - self.resolution
+        random_crop = not self.center_crop and (spare_x or spare_y)
+        rng = np.random.default_rng((self.seed, self.epoch, index)) if random_crop or self.random_flip else None
+        left, top = rng.integers(0, [spare_x + 1, spare_y + 1]) if random_crop else (spare_x // 2, spare_y // 2)
+        image = image[int(top) : int(top) + self.resolution, int(left) : int(left) + self.resolution]
+        pixels = torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0)
         pixels = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
         if self.random_flip and rng.random() < 0.5:
             pixels = pixels.flip(-1)
         example = {"pixel_values": pixels.contiguous()}
         if self.label_columns:
-            example["labels"] = torch.tensor([row[column] for column in self.label_columns])
+            example["labels"] = torch.tensor(labels)
         return example
 
 

@@ -87,9 +87,9 @@ def create_ema_model(model: nn.Module, decay: float = 0.9999) -> EMAModel:
 
     diffusers' ``EMAModel`` (without ``use_ema_warmup``) copies the weights at its first update and then uses the decay
     min(decay, (1 + n) / (10 + n)) at the n-th (0-based) update; it stores the model class and config so the average
-    can be saved with ``save_pretrained``.
+    can be saved with ``save_pretrained``. Its update runs as one multi-tensor operation (``foreach``).
     """
-    return EMAModel(model.parameters(), decay=decay, model_cls=type(model), model_config=model.config)
+    return EMAModel(model.parameters(), decay=decay, foreach=True, model_cls=type(model), model_config=model.config)
 
 
 def drop_labels(
