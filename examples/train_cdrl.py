@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     optim = parser.add_argument_group("optimisation (App. A.2)")
     optim.add_argument("--train_batch_size", type=cli_positive_int, default=32, help="Batch size per device.")
-    optim.add_argument("--num_epochs", type=cli_positive_int, default=44, help="Passes over the data.")
+    optim.add_argument("--num_epochs", type=cli_positive_int, default=50, help="Passes over the data.")
     optim.add_argument("--max_train_steps", type=cli_positive_int, help="Optimisation steps; overrides --num_epochs.")
     optim.add_argument("--max_train_minutes", type=cli_positive_float, help="Also stop after this much training.")
     optim.add_argument("--gradient_accumulation_steps", type=cli_positive_int, default=1)
