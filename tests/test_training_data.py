@@ -81,6 +81,8 @@ def test_cached_decoding_gives_the_same_crops_and_flips_as_decoding_every_time()
                 assert torch.equal(example["pixel_values"], expected["pixel_values"])
                 assert torch.equal(example["labels"], expected["labels"])
     assert len(cached._cache) == 6 and len(partly._cache) == 2 and not uncached._cache
+    with pytest.raises(ValueError, match="cache_bytes"):
+        TrainingImages(dataset, "image", ["label"], 16, 3, cache_bytes=-1)
     # Independently: epoch 2's example 4 is the seeded crop (and flip) of the stored pixels.
     rng = np.random.default_rng((3, 2, 4))
     left, top = (int(value) for value in rng.integers(0, [7, 1]))

@@ -15,7 +15,7 @@ import torch
 from datasets import ClassLabel
 
 from ..evaluation import OOD_SHIFTS, shift_images
-from ..validation import check_probability
+from ..validation import check_positive_int, check_probability
 
 GREYSCALE_MODES = ("1", "L", "I", "I;16", "F")
 
@@ -152,6 +152,7 @@ class TrainingImages(torch.utils.data.Dataset):
         self.resolution, self.mode = resolution, "L" if channels == 1 else "RGB"
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
         self.epoch = 0
+        check_positive_int(cache_bytes, "cache_bytes", minimum=0)
         self.cache_bytes, self._cached_bytes = cache_bytes, 0
         self._cache: dict[int, tuple[np.ndarray, list[int]]] = {}
 
